@@ -1,0 +1,5 @@
+import sys
+
+from lunaris.cli import main
+
+sys.exit(main())

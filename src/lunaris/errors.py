@@ -1,0 +1,22 @@
+"""User-facing errors.
+
+Every problem a user can cause (a bad config, a missing file, a corrupt shard) is raised as a
+`LunarisError` whose message is one paragraph naming the file, key or value and what to do. The CLI
+prints it without a traceback and exits with status 2.
+"""
+
+
+class LunarisError(Exception):
+    """A problem with the user's input; the message says what and how to fix it."""
+
+
+class ConfigError(LunarisError, ValueError):
+    """One or more invalid configuration values (all of them, in one message)."""
+
+
+class DataError(LunarisError, ValueError):
+    """Missing, corrupt or incompatible data (shards, manifests, sources)."""
+
+
+class CheckpointError(LunarisError, ValueError):
+    """A checkpoint that is missing, unreadable, or made for another configuration."""

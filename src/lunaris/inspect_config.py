@@ -1,0 +1,48 @@
+"""`lunaris config`: show a resolved config with its model's size, and the reference table of keys."""
+
+import dataclasses
+
+import torch
+import yaml
+
+from lunaris.config import LunarisCodexConfig, TrainConfig, field_docs, load_config
+
+
+def build_on_meta(model_config: LunarisCodexConfig):
+    """The model with no memory allocated (parameter counting for any size)."""
+    from lunaris.model import LunarisCodex
+    with torch.device("meta"):
+        return LunarisCodex(model_config)
+
+
+def describe_config(path, overrides=None) -> str:
+    config = load_config(path, overrides)
+    model = build_on_meta(config.model)
+    seq = config.model.max_seq_len
+    lines = [
+        yaml.safe_dump(dataclasses.asdict(config), sort_keys=False).rstrip(),
+        "",
+        f"# parameters: {model.num_params():,} ({model.num_params(exclude_embedding=True):,} without the embedding)",
+        f"# training FLOPs per token at seq {seq}: {model.flops_per_token(seq):.4g}",
+        f"# tokens per optimizer step per process: "
+        f"{config.batch_size * config.gradient_accumulation_steps * seq:,}",
+    ]
+    return "\n".join(lines)
+
+
+def _format_default(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def reference_table() -> str:
+    """Markdown table of every key (model keys prefixed `model.`), default and meaning."""
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for name, default, help_text in field_docs(LunarisCodexConfig):
+        rows.append(f"| `model.{name}` | `{_format_default(default)}` | {help_text} |")
+    for name, default, help_text in field_docs(TrainConfig):
+        rows.append(f"| `{name}` | `{_format_default(default)}` | {help_text} |")
+    return "\n".join(rows)

@@ -1,0 +1,3 @@
+from lunaris.model.model import LunarisCodex, ModelOutput
+
+__all__ = ["LunarisCodex", "ModelOutput"]

@@ -1,0 +1,172 @@
+"""LunarisCodex: a decoder-only transformer, dense (Llama-style) or MoC (mixture of collaborating experts).
+
+Read top to bottom: Block (pre-norm attention + pre-norm FFN), then the model (embedding, blocks,
+final norm, tied LM head), its loss, FLOP count and optimizer groups. Single-device code: parallelism,
+compilation and precision are applied from outside (lunaris.train).
+"""
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from lunaris.config import LunarisCodexConfig, raise_problems
+from lunaris.model.attention import CausalSelfAttention, KVCache
+from lunaris.model.layers import ReasoningFeedForward, RMSNorm, RotaryEmbedding
+
+
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor            # (B, T, vocab)
+    loss: Optional[torch.Tensor]    # main_loss + aux_loss, or None without targets
+    main_loss: Optional[torch.Tensor]  # cross-entropy over targets != -1
+    aux_loss: torch.Tensor          # MoC auxiliary losses averaged over MoC layers (0 for dense)
+    metrics: dict                   # detached tensors: expert utilization, drop rates, IRL update norms
+
+
+def make_ffn(config: LunarisCodexConfig, layer: int) -> nn.Module:
+    """Dense IRL FFN, or a MoC layer where config.is_moc_layer(layer). Both return (y, aux, stats)."""
+    if config.is_moc_layer(layer):
+        from lunaris.model.moc import MoCLayer
+        return MoCLayer(config, layer)
+    return ReasoningFeedForward(config)
+
+
+class Block(nn.Module):
+    def __init__(self, config: LunarisCodexConfig, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps, bias=config.norm_bias)
+        self.attn = CausalSelfAttention(config)
+        self.ffn_norm = RMSNorm(config.d_model, config.norm_eps, bias=config.norm_bias)
+        self.ffn = make_ffn(config, layer)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, cache: KVCache = None, start: int = 0):
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache, start))   # (B, T, D)
+        y, aux, stats = self.ffn(self.ffn_norm(x))
+        return x + self.dropout(y), aux, stats
+
+
+class LunarisCodex(nn.Module):
+    def __init__(self, config: LunarisCodexConfig):
+        super().__init__()
+        raise_problems(config.problems(), "model config")
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps, bias=False)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.reset_parameters()
+
+    # ---- initialization ----
+    def reset_parameters(self):
+        """Normal(0, 0.02); residual output projections 0.02/sqrt(2·n_layers); norms weight 1, bias 0."""
+        std = 0.02
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, residual_std if getattr(module, "residual_out", False) else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif module is not self and hasattr(module, "init_weights"):
+                module.init_weights(std, residual_std)  # stacked expert weights, collaboration
+
+    # ---- forward ----
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor = None, caches: list = None, start: int = 0):
+        """idx (B, T) token ids; targets (B, T) with -1 ignored; caches/start for cached decoding."""
+        B, T = idx.shape
+        if start + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        cos, sin = self.rotary(start, T)                       # (T, hd) each, fp32
+        x = self.wte(idx)                                      # (B, T, D)
+        aux_losses, layer_stats = [], []
+        for i, block in enumerate(self.blocks):
+            cache = caches[i] if caches is not None else None
+            if self.config.use_gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x, aux, stats = checkpoint(block, x, cos, sin, cache, start, use_reentrant=False)
+            else:
+                x, aux, stats = block(x, cos, sin, cache, start)
+            if aux is not None:
+                aux_losses.append(aux)
+            layer_stats.append(stats)
+        logits = self.lm_head(self.norm(x))                    # (B, T, vocab)
+        aux_loss = torch.stack(aux_losses).mean() if aux_losses else torch.zeros((), device=idx.device)
+        main_loss = loss = None
+        if targets is not None:
+            main_loss = self.cross_entropy(logits, targets)
+            loss = main_loss + aux_loss
+        return ModelOutput(logits, loss, main_loss, aux_loss, merge_stats(layer_stats))
+
+    @staticmethod
+    def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over targets != -1 (0, not NaN, when every target is ignored)."""
+        flat_targets = targets.reshape(-1)
+        total = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), flat_targets,
+                                ignore_index=-1, reduction="sum")
+        return total / (flat_targets != -1).sum().clamp_min(1)
+
+    # ---- accounting ----
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        """Unique parameters (a tied LM head counts once)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wte.weight.numel() if exclude_embedding else n
+
+    def flops_per_token(self, seq_len: int = None) -> float:
+        """Training FLOPs per token (forward + backward): 6·(active matmul weights) + 12·L·Hq·hd·T (attention).
+
+        Counts what each token actually multiplies through: IRL steps repeat the FFN, MoC tokens go
+        through top_k experts (the PaLM appendix-B formula, with active instead of total weights).
+        """
+        c = self.config
+        T = seq_len or c.max_seq_len
+        matmul = c.d_model * c.vocab_size  # LM head
+        for block in self.blocks:
+            matmul += block.attn.qkv.weight.numel() + block.attn.proj.weight.numel()
+            matmul += block.ffn.matmul_params_per_token()
+        return 6.0 * matmul + 12.0 * c.n_layers * c.n_heads * c.head_dim * T
+
+    # ---- optimizer ----
+    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95),
+                             device_type: str = "cpu", router_lr_scale: float = 0.5):
+        """AdamW with groups decay (>=2-D weights), no_decay (norms, biases), router (no decay, lr_scale).
+
+        Every group carries `lr_scale`; the trainer's schedule sets lr = schedule(step) * lr_scale.
+        """
+        groups = {"decay": [], "no_decay": [], "router": []}
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            if "router" in name:
+                groups["router"].append(param)
+            elif param.dim() >= 2:
+                groups["decay"].append(param)
+            else:
+                groups["no_decay"].append(param)
+        settings = {"decay": (weight_decay, 1.0), "no_decay": (0.0, 1.0), "router": (0.0, router_lr_scale)}
+        param_groups = [
+            {"params": params, "name": name, "weight_decay": settings[name][0], "lr_scale": settings[name][1],
+             "lr": learning_rate * settings[name][1]}
+            for name, params in groups.items() if params
+        ]
+        extra = {"fused": True} if device_type == "cuda" else {}
+        return torch.optim.AdamW(param_groups, lr=learning_rate, betas=tuple(betas), **extra)
+
+
+def merge_stats(layer_stats: list) -> dict:
+    """Merge per-layer metric dicts; a key reported by several layers (IRL norms) is averaged."""
+    merged: dict = {}
+    for stats in layer_stats:
+        for key, value in stats.items():
+            merged.setdefault(key, []).append(value)
+    return {key: values[0] if len(values) == 1 else torch.stack(values).mean() for key, values in merged.items()}
