@@ -312,10 +312,11 @@ def _fill(cls, data: dict, prefix: str, problems: list, other_section=()):
     for key, value in data.items():
         full = f"{prefix}{key}"
         if key not in types:
-            hint = _suggest(key, types)
-            if not hint and key in other_section:
+            if key in other_section:  # a real key, in the wrong section
                 hint = f" (did you mean '{'model.' if not prefix else ''}{key}'? it belongs "
                 hint += "under 'model:')" if not prefix else "at the top level, not under 'model:')"
+            else:
+                hint = _suggest(key, types)
             problems.append(f"unknown key '{full}'{hint}.")
             continue
         if key == "model":

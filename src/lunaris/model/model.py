@@ -6,6 +6,8 @@ compilation and precision are applied from outside (lunaris.train).
 """
 
 import math
+import warnings
+from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
@@ -13,7 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from lunaris.config import LunarisCodexConfig, raise_problems
+from lunaris.config import LunarisCodexConfig, model_config_from_dict, raise_problems
+from lunaris.errors import CheckpointError, LunarisError
 from lunaris.model.attention import CausalSelfAttention, KVCache
 from lunaris.model.layers import ReasoningFeedForward, RMSNorm, RotaryEmbedding
 
@@ -83,8 +86,13 @@ class LunarisCodex(nn.Module):
                 module.init_weights(std, residual_std)  # stacked expert weights, collaboration
 
     # ---- forward ----
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor = None, caches: list = None, start: int = 0):
-        """idx (B, T) token ids; targets (B, T) with -1 ignored; caches/start for cached decoding."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor = None, caches: list = None, start: int = 0,
+                last_logits_only: bool = False):
+        """idx (B, T) token ids; targets (B, T) with -1 ignored; caches/start for cached decoding.
+
+        `last_logits_only` computes logits for the last position only (B, 1, vocab): decoding needs just
+        the next-token distribution, not a (T, vocab) LM-head product over the whole prompt.
+        """
         B, T = idx.shape
         if start + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
@@ -100,6 +108,10 @@ class LunarisCodex(nn.Module):
             if aux is not None:
                 aux_losses.append(aux)
             layer_stats.append(stats)
+        if last_logits_only:
+            if targets is not None:
+                raise ValueError("last_logits_only=True cannot compute a loss over targets")
+            x = x[:, -1:]                                      # (B, 1, D)
         logits = self.lm_head(self.norm(x))                    # (B, T, vocab)
         aux_loss = torch.stack(aux_losses).mean() if aux_losses else torch.zeros((), device=idx.device)
         main_loss = loss = None
@@ -115,6 +127,81 @@ class LunarisCodex(nn.Module):
         total = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), flat_targets,
                                 ignore_index=-1, reduction="sum")
         return total / (flat_targets != -1).sum().clamp_min(1)
+
+    # ---- loading and generation ----
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu") -> "LunarisCodex":
+        """Build the model a checkpoint describes and load its weights, in eval mode, on `device`.
+
+        `path` is a checkpoint file (ckpt_<step>.pt, latest_checkpoint.pt) or a run directory (its latest
+        checkpoint). Raises CheckpointError for a missing or unreadable file, or weights that do not fit the config.
+        """
+        path, checkpoint = read_checkpoint(path)
+        config = model_config_from_dict(checkpoint["config"]["model"], source=f"model config in {path}")
+        model = cls(config)
+        state = {strip_wrapper_prefixes(key): value for key, value in checkpoint["model"].items()}
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise CheckpointError(
+                f"the weights in {path} do not fit the model config stored with them ({exc}). The file was "
+                f"probably edited or written by another program; use a checkpoint saved by `lunaris train`.") from None
+        return model.to(device).eval()
+
+    def new_kv_caches(self, batch: int, length: int) -> list:
+        """One preallocated KVCache per layer for `length` positions, at n_kv_heads (the GQA memory saving)."""
+        c, weight = self.config, self.wte.weight
+        return [KVCache(batch, c.kv_heads, length, c.head_dim, weight.device, weight.dtype) for _ in self.blocks]
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = None,
+                 top_p: float = None, eos_token_id: int = None, generator: torch.Generator = None) -> torch.Tensor:
+        """Continue the prompts idx (B, T); returns (B, T + n) with n <= max_new_tokens.
+
+        temperature 0 is greedy; top_k / top_p restrict sampling to the most likely tokens. Stops when every
+        row has produced `eos_token_id` (finished rows are padded with it), or, with a warning, at max_seq_len.
+        """
+        new_tokens = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator))
+        return torch.cat([idx, *new_tokens], dim=1)
+
+    @torch.no_grad()
+    def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = None,
+                        top_p: float = None, eos_token_id: int = None, generator: torch.Generator = None):
+        """Yield the next token of every row, (B, 1), one step at a time (arguments as in `generate`).
+
+        One forward pass over the prompt fills the KV caches (prefill), then each step feeds only the newest
+        token at its position. Runs in eval mode (dropout off, MoC dropless) and restores the previous mode.
+        """
+        from lunaris.generate import check_sampling_args, sample_next_token
+        check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+        B, T = idx.shape
+        limit = self.config.max_seq_len
+        if T == 0 or T >= limit:
+            raise LunarisError(
+                f"the prompt has {T} tokens, but generation needs between 1 and {limit - 1} (the model's context, "
+                f"max_seq_len={limit}, must leave room for new tokens); shorten the prompt.")
+        steps = min(max_new_tokens, limit - T)  # the whole sequence stays within max_seq_len
+        was_training = self.training
+        self.eval()
+        try:
+            caches = self.new_kv_caches(B, T + steps)
+            logits = self(idx, caches=caches, last_logits_only=True).logits[:, -1]      # (B, vocab)
+            finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+            for step in range(steps):
+                token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B, 1)
+                if eos_token_id is not None:
+                    token = token.masked_fill(finished[:, None], eos_token_id)  # finished rows repeat eos
+                    finished |= token[:, 0] == eos_token_id
+                yield token
+                if eos_token_id is not None and bool(finished.all()):
+                    return
+                if step + 1 < steps:
+                    logits = self(token, caches=caches, start=T + step, last_logits_only=True).logits[:, -1]
+            if steps < max_new_tokens:
+                warnings.warn(f"generation stopped after {steps} of {max_new_tokens} new tokens: the sequence reached "
+                              f"the model's context limit, max_seq_len={limit}.", stacklevel=2)
+        finally:
+            self.train(was_training)
 
     # ---- accounting ----
     def num_params(self, exclude_embedding: bool = False) -> int:
@@ -170,3 +257,48 @@ def merge_stats(layer_stats: list) -> dict:
         for key, value in stats.items():
             merged.setdefault(key, []).append(value)
     return {key: values[0] if len(values) == 1 else torch.stack(values).mean() for key, values in merged.items()}
+
+
+# ---- checkpoint files ----
+
+def find_checkpoint_file(path) -> Path:
+    """A checkpoint file as given, or a run directory's latest_checkpoint.pt (else its highest ckpt_<step>.pt)."""
+    path = Path(path)
+    if path.is_dir():
+        latest = path / "latest_checkpoint.pt"
+        if latest.is_file():
+            return latest
+        numbered = sorted(path.glob("ckpt_*.pt"), key=lambda p: int(p.stem[5:]) if p.stem[5:].isdigit() else -1)
+        if numbered:
+            return numbered[-1]
+        raise CheckpointError(f"run directory {path} contains no checkpoint (latest_checkpoint.pt or ckpt_<step>.pt); "
+                              f"pass a checkpoint file, or the out_dir of a run that has saved at least once.")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass a checkpoint file (latest_checkpoint.pt, "
+                              f"ckpt_<step>.pt) or a run directory (the out_dir of `lunaris train`).")
+    return path
+
+
+def read_checkpoint(path) -> tuple:
+    """(file, checkpoint dict) for a checkpoint file or run directory; loads tensors only (weights_only=True)."""
+    path = find_checkpoint_file(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, not a torch file, pickled objects that weights_only refuses
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                              f"it is truncated, corrupt, or not a Lunaris checkpoint. Use another ckpt_<step>.pt "
+                              f"from the same run directory.") from None
+    run_config = checkpoint.get("config") if isinstance(checkpoint, dict) else None
+    model_config = run_config.get("model") if isinstance(run_config, dict) else None
+    if not isinstance(model_config, dict) or not isinstance(checkpoint.get("model"), dict):
+        raise CheckpointError(f"checkpoint {path} is not a Lunaris checkpoint: it needs a 'model' state dict and the "
+                              f"run's 'config' with its 'model' section, as `lunaris train` saves them.")
+    return path, checkpoint
+
+
+def strip_wrapper_prefixes(key: str) -> str:
+    """State-dict keys of a compiled or DDP-wrapped model ('_orig_mod.', 'module.') -> clean keys."""
+    for prefix in ("_orig_mod.", "module."):
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
