@@ -32,9 +32,25 @@ def cmd_config(args, overrides):
     return 0
 
 
+# ---- lunaris plot -------------------------------------------------------------------------------
+
+def add_plot_parser(sub):
+    p = sub.add_parser("plot", help="plot loss, lr, grad norm, throughput (and MoC expert utilization) of a run",
+                       description="Read RUN_DIR/metrics.jsonl and write a PNG of the training curves.")
+    p.add_argument("run_dir", help="the out_dir of a training run (or its metrics.jsonl)")
+    p.add_argument("--out", help="output PNG (default RUN_DIR/training.png)")
+    p.set_defaults(func=cmd_plot)
+
+
+def cmd_plot(args, overrides):
+    from lunaris.plot import plot_run
+    print(f"wrote {plot_run(args.run_dir, args.out)}")
+    return 0
+
+
 # ---- entry point ----------------------------------------------------------------------------------
 
-PARSERS = [add_config_parser]
+PARSERS = [add_config_parser, add_plot_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

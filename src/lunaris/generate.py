@@ -1,0 +1,221 @@
+"""Sampling (temperature, top-k, top-p) and `lunaris generate`: stream a model's continuation to the terminal.
+
+The decoding loop itself (KV-cache prefill, then one-token steps) is `LunarisCodex.generate_stream`; this
+module holds what it samples with and what the command adds around it: the checkpoint's tokenizer,
+device and precision, and text that appears as it is produced.
+"""
+
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from lunaris.errors import CheckpointError, ConfigError, LunarisError
+
+END_OF_TEXT = "<|endoftext|>"  # the document separator `lunaris prepare` trains into every tokenizer
+
+
+# ---- sampling ----------------------------------------------------------------------------------------
+
+def check_sampling_args(max_new_tokens: int, temperature: float, top_k, top_p) -> None:
+    problems = []
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        problems.append(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    if temperature < 0:
+        problems.append(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        problems.append(f"top_k must be a positive integer or None, got {top_k!r}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        problems.append(f"top_p must be in (0, 1] or None, got {top_p!r}")
+    if problems:
+        raise ConfigError("invalid generation settings: " + "; ".join(problems) + ".")
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = None, top_p: float = None) -> torch.Tensor:
+    """Set the logits of excluded tokens to -inf. logits (B, V).
+
+    top_k keeps the k largest logits (ties with the k-th are kept too); top_p then keeps the smallest set of
+    most likely tokens whose probability reaches top_p (nucleus sampling). The most likely token always stays.
+    """
+    if top_k is not None and top_k < logits.size(-1):
+        kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]             # (B, 1)
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)               # (B, V) each
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens
+        remove_sorted = mass_before >= top_p
+        remove = remove_sorted.scatter(-1, order, remove_sorted)                   # back to vocabulary order
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int = None, top_p: float = None,
+                      generator: torch.Generator = None) -> torch.Tensor:
+    """Next token ids (B, 1) from logits (B, V): argmax when temperature is 0, else a filtered sample."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
+
+
+# ---- tokenizer ---------------------------------------------------------------------------------------
+
+def find_tokenizer(checkpoint, override=None) -> Path:
+    """The tokenizer.json to use: `override`, else the one the trainer copied into the run directory."""
+    if override is not None:
+        path = Path(override)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise LunarisError(f"tokenizer file {path} does not exist; pass the tokenizer.json that `lunaris prepare` "
+                               f"wrote into the data directory.")
+        return path
+    checkpoint = Path(checkpoint)
+    run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    path = run_dir / "tokenizer.json"
+    if not path.is_file():
+        raise LunarisError(f"no tokenizer.json next to the checkpoint (looked in {run_dir}); pass --tokenizer FILE, "
+                           f"the tokenizer.json that `lunaris prepare` wrote into the data directory of this run.")
+    return path
+
+
+def load_tokenizer(path, vocab_size: int = None):
+    """A `tokenizers.Tokenizer` from tokenizer.json; checks that its ids fit a model with `vocab_size` rows."""
+    from tokenizers import Tokenizer
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as exc:
+        raise LunarisError(f"tokenizer {path} cannot be read ({exc}); pass a tokenizer.json written by the "
+                           f"Hugging Face `tokenizers` library (as `lunaris prepare` does).") from None
+    if vocab_size is not None and tokenizer.get_vocab_size() > vocab_size:
+        raise LunarisError(f"tokenizer {path} has {tokenizer.get_vocab_size()} tokens but the model only "
+                           f"{vocab_size} (model.vocab_size); it is not the tokenizer this model was trained with. "
+                           f"Pass the right one with --tokenizer.")
+    return tokenizer
+
+
+def end_of_text_id(tokenizer):
+    """The id of <|endoftext|> in the tokenizer, or None if it has no such token."""
+    return tokenizer.token_to_id(END_OF_TEXT)
+
+
+class StreamingDecoder:
+    """Turns token ids into text as they arrive.
+
+    A byte-level BPE token can be part of a multi-byte character, so text is released only once it decodes
+    without a trailing replacement character. A few earlier tokens are decoded along with the new ones
+    because some decoders render a token differently at the start of a text (leading spaces).
+    """
+
+    def __init__(self, tokenizer, prompt_ids=()):
+        self.tokenizer = tokenizer
+        self.ids = list(prompt_ids)
+        self.read_offset = len(self.ids)                  # ids[:read_offset] have been released as text
+        self.prefix_offset = max(0, self.read_offset - 5)  # context decoded with the new ids
+
+    def _new_text(self) -> tuple:
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
+        text = self.tokenizer.decode(self.ids[self.prefix_offset:], skip_special_tokens=True)
+        return prefix, text
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the text that became complete ('' while a character is unfinished)."""
+        self.ids.append(int(token_id))
+        prefix, text = self._new_text()
+        if len(text) > len(prefix) and not text.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return text[len(prefix):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is left at the end, incomplete characters included."""
+        prefix, text = self._new_text()
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return text[len(prefix):]
+
+
+# ---- device and precision ----------------------------------------------------------------------------
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LunarisError(f"--device {name} was requested but CUDA is not available on this machine; use --device cpu.")
+    return torch.device(name)
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on GPUs that support it, fp32 elsewhere (bf16 matmuls are slow on most CPUs)."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return DTYPES[name]
+
+
+def load_model(checkpoint, device: str = "auto", dtype: str = "auto"):
+    """LunarisCodex from a checkpoint or run directory, in eval mode, on the resolved device and precision."""
+    from lunaris.model import LunarisCodex
+    torch_device = resolve_device(device)
+    model = LunarisCodex.from_checkpoint(checkpoint, device=torch_device)
+    return model.to(resolve_dtype(dtype, torch_device))
+
+
+# ---- lunaris generate --------------------------------------------------------------------------------
+
+def run_generate(checkpoint, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = None,
+                 top_p: float = None, seed: int = None, tokenizer_path=None, device: str = "auto",
+                 dtype: str = "auto", out=None, err=None) -> str:
+    """Print the prompt, then the continuation as it is produced; return the continuation.
+
+    An empty prompt starts a new document (the model sees <|endoftext|>). Stops at <|endoftext|>, after
+    max_new_tokens, or at the model's context limit (with a note on `err`).
+    """
+    out, err = out or sys.stdout, err or sys.stderr
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    model = load_model(checkpoint, device, dtype)
+    tokenizer = load_tokenizer(find_tokenizer(checkpoint, tokenizer_path), model.config.vocab_size)
+    eos = end_of_text_id(tokenizer)
+    prompt_ids = tokenizer.encode(prompt).ids
+    if not prompt_ids:
+        if eos is None:
+            raise LunarisError(f"the prompt is empty and the tokenizer has no {END_OF_TEXT} token to start a document "
+                               f"with; pass --prompt TEXT.")
+        prompt_ids = [eos]
+    device_ = model.wte.weight.device
+    generator = torch.Generator(device=device_).manual_seed(seed) if seed is not None else None
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device_)
+
+    decoder = StreamingDecoder(tokenizer, prompt_ids)
+    out.write(prompt)
+    out.flush()
+    pieces, n_new, start = [], 0, time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for token in model.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos, generator):
+            n_new += 1
+            if eos is not None and token.item() == eos:
+                break
+            piece = decoder.push(token.item())
+            if piece:
+                pieces.append(piece)
+                out.write(piece)
+                out.flush()
+    pieces.append(decoder.flush())
+    out.write(pieces[-1] + "\n")
+    out.flush()
+    elapsed = time.perf_counter() - start
+    for warning in caught:
+        err.write(f"note: {warning.message}\n")
+    err.write(f"[{n_new} tokens in {elapsed:.2f} s, {n_new / max(elapsed, 1e-9):.1f} tokens/s on {device_}]\n")
+    return "".join(pieces)

@@ -1,0 +1,66 @@
+"""The README cannot rot: its reference table, examples, configs and commands are checked here."""
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from lunaris import load_config
+from lunaris.inspect_config import reference_table
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def fenced_blocks(language: str, marker: str = None) -> list:
+    """Bodies of ```language ...``` blocks; with `marker`, only blocks whose info string carries that word."""
+    return [body for lang, info, body in re.findall(r"```(\w+)([^\n]*)\n(.*?)```", README, re.S)
+            if lang == language and (marker is None or marker in info.split())]
+
+
+def section(title: str) -> str:
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## )", README, re.S | re.M)
+    assert match, f"README has no '## {title}' section"
+    return match.group(1)
+
+
+def test_config_reference_matches_the_code():
+    start, end = "<!-- config-reference:start -->\n", "\n<!-- config-reference:end -->"
+    table = README.split(start)[1].split(end)[0]
+    assert table == reference_table(), "README config reference is stale: regenerate it with `lunaris config --reference`"
+
+
+def test_ci_runs_the_readme_setup_and_test_commands():
+    setup = re.search(r"```bash\n(.*?)\n```", section("Setup"), re.S).group(1).strip()
+    test = re.search(r"```bash\n(.*?)\n```", section("Tests"), re.S).group(1).strip()
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    assert setup in ci_lines and test in ci_lines
+    assert ci_lines.index(setup) < ci_lines.index(test) and ci_lines[-1] == test
+
+
+def test_python_examples_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    for code in fenced_blocks("python"):
+        exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
+
+
+def test_every_yaml_config_in_the_readme_loads(tmp_path):
+    configs = [block for block in fenced_blocks("yaml") if "model:" in block]
+    for i, block in enumerate(configs):
+        path = tmp_path / f"readme_{i}.yaml"
+        path.write_text(block)
+        load_config(path)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates_and_builds_on_meta(path, capsys):
+    from lunaris.inspect_config import build_on_meta
+    config = load_config(path)
+    model = build_on_meta(config.model)
+    with capsys.disabled():
+        print(f"\n{path.name}: {model.num_params():,} parameters")
+    assert model.num_params() > 0
+    assert os.path.relpath(path, ROOT).replace(os.sep, "/") in README or path.name in README, \
+        f"{path.name} is not mentioned in the README"
