@@ -2,6 +2,8 @@
 
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,9 +42,11 @@ def test_ci_runs_the_readme_setup_and_test_commands():
     assert ci_lines.index(setup) < ci_lines.index(test) and ci_lines[-1] == test
 
 
-def test_python_examples_run(tmp_path, monkeypatch):
+def test_runnable_python_examples_run(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
-    for code in fenced_blocks("python"):
+    blocks = fenced_blocks("python", "runnable")
+    assert blocks
+    for code in blocks:
         exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
 
 
@@ -64,3 +68,26 @@ def test_every_shipped_config_validates_and_builds_on_meta(path, capsys):
     assert model.num_params() > 0
     assert os.path.relpath(path, ROOT).replace(os.sep, "/") in README or path.name in README, \
         f"{path.name} is not mentioned in the README"
+
+
+# The README's runnable shell blocks, scaled down so the suite stays fast (the Tests section documents this).
+SCALE_DOWN = [("lunaris demo", "lunaris demo --max-steps 6 --corpus-mb 0.4"), ("--max_steps=300", "--max_steps=6")]
+
+
+def test_runnable_shell_blocks_work(tmp_path):
+    blocks = fenced_blocks("bash", "runnable")
+    assert len(blocks) >= 2
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    for block in blocks:
+        script = block
+        for original, scaled in SCALE_DOWN:
+            script = script.replace(original, scaled)
+        result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, f"README block failed:\n{script}\n--- stdout\n{result.stdout[-3000:]}" \
+                                       f"\n--- stderr\n{result.stderr[-3000:]}"
+    assert (tmp_path / "runs/demo/dense/training.png").is_file()
+    assert (tmp_path / "runs/demo/demo-dense.json").is_file()
+    assert (tmp_path / "hf/pylib/model.safetensors").is_file()
+    assert (tmp_path / "runs/pylib/training.png").is_file()

@@ -6,6 +6,7 @@ without a traceback and the command exits with status 2.
 
 import argparse
 import sys
+from pathlib import Path
 
 from lunaris.errors import LunarisError
 
@@ -48,9 +49,258 @@ def cmd_plot(args, overrides):
     return 0
 
 
+# ---- lunaris prepare ------------------------------------------------------------------------------
+
+def add_prepare_parser(sub):
+    p = sub.add_parser(
+        "prepare", help="raw text -> tokenizer -> token shards + manifest (a data_dir for training)",
+        description="Read SOURCE files/directories (text, JSONL, Parquet, gzip/bz2/xz variants, Hugging Face "
+                    "save_to_disk datasets), mix them, train or load a tokenizer, and write OUT/tokenizer.json, "
+                    "OUT/train/shard_*.npy, OUT/val/shard_*.npy and OUT/manifest.json.")
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="text/JSONL/Parquet file, directory, or HF dataset dir")
+    p.add_argument("--out", required=True, type=Path, help="output directory (must be new or empty, see --overwrite)")
+    tok = p.add_mutually_exclusive_group(required=True)
+    tok.add_argument("--vocab-size", type=int, help="train a byte-level BPE tokenizer with this many ids")
+    tok.add_argument("--tokenizer", type=Path, help="use this existing Hugging Face tokenizer.json")
+    p.add_argument("--weights", type=float, nargs="+", metavar="W",
+                   help="one mixing weight per SOURCE (share of the output bytes); the mix stops when a source "
+                        "runs out. Default: every document once, interleaved by source size")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default 100M)")
+    p.add_argument("--val-tokens", type=int, default=1_000_000,
+                   help="tokens of whole documents held out for validation, taken from the start of the mix "
+                        "(default 1M; 0 for none)")
+    p.add_argument("--max-tokens", type=int, help="stop after this many training tokens")
+    p.add_argument("--seed", type=int, default=0, help="shuffles the order of files inside directory sources")
+    p.add_argument("--text-field", default="text", help="JSONL field / Parquet or HF column holding the text")
+    p.add_argument("--include", nargs="+", metavar="GLOB", help="file globs to take from directories "
+                   "(default: common text, JSONL and Parquet extensions, plain or compressed)")
+    p.add_argument("--exclude", nargs="+", default=[], metavar="GLOB", help="file globs to skip in directories")
+    p.add_argument("--hf-split", default="train", help="split of a Hugging Face DatasetDict source")
+    p.add_argument("--eot-token", default="<|endoftext|>", help="end-of-text token of an existing --tokenizer")
+    p.add_argument("--tokenizer-sample-bytes", type=float, default=5e8,
+                   help="bytes of text from the start of the mix used to train the tokenizer (default 500 MB)")
+    p.add_argument("--batch-docs", type=int, default=1024, help="documents per encoding batch")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the new data is complete")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prepare)
+
+
+def cmd_prepare(args, overrides):
+    from lunaris.data.prepare import DEFAULT_INCLUDE, PrepareOptions, format_report, prepare
+    options = PrepareOptions(
+        sources=args.sources, out=args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
+        weights=args.weights, shard_tokens=args.shard_tokens, val_tokens=args.val_tokens, max_tokens=args.max_tokens,
+        seed=args.seed, text_field=args.text_field, include=tuple(args.include or DEFAULT_INCLUDE),
+        exclude=tuple(args.exclude), hf_split=args.hf_split, eot_token=args.eot_token,
+        tokenizer_sample_bytes=int(args.tokenizer_sample_bytes), batch_docs=args.batch_docs,
+        overwrite=args.overwrite, progress=not args.no_progress)
+    recorded = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
+    manifest = prepare(options, args_for_manifest=recorded)
+    print(format_report(manifest, args.out))
+    return 0
+
+
+# ---- lunaris train --------------------------------------------------------------------------------
+
+def add_train_parser(sub):
+    p = sub.add_parser(
+        "train", help="train a dense or MoC model from a YAML config (one process, or under torchrun)",
+        description="Train the model CONFIG describes; --key=value or --model.key=value override config keys. "
+                    "A run restarted with the same out_dir resumes from its newest checkpoint. Several processes: "
+                    "torchrun --standalone --nproc_per_node=N -m lunaris train CONFIG.")
+    p.add_argument("config", help="YAML config file (the seeds' format: model keys under model:)")
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument("--resume", metavar="PATH", help="resume from this checkpoint file, FSDP checkpoint "
+                        "directory, or run directory (default: out_dir's newest checkpoint, if any)")
+    resume.add_argument("--no-resume", action="store_true",
+                        help="start at step 0 even if out_dir holds checkpoints (they are replaced as the run saves)")
+    p.set_defaults(func=cmd_train, accepts_overrides=True)
+
+
+def cmd_train(args, overrides):
+    from lunaris.train.trainer import run_cli
+    return run_cli(args.config, overrides, resume=args.resume, no_resume=args.no_resume)
+
+
+# ---- lunaris generate / eval / export -------------------------------------------------------------
+
+def _add_model_source(p):
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="checkpoint file (ckpt_<step>.pt, latest_checkpoint.pt) or run directory (its newest)")
+
+
+def _add_device_args(p):
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="weights and compute precision (auto: bf16 on GPUs that support it, else fp32)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; small models "
+                                               "often decode fastest with 1, especially on a busy machine)")
+
+
+def add_generate_parser(sub):
+    p = sub.add_parser("generate", help="sample text from a checkpoint, streamed to the terminal",
+                       description="Continue --prompt with the model of a checkpoint, printing text as it is "
+                                   "produced. Uses the tokenizer.json the trainer copied into the run directory.")
+    _add_model_source(p)
+    p.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens only")
+    p.add_argument("--top-p", type=float, help="sample among the most likely tokens holding this probability mass")
+    p.add_argument("--seed", type=int, help="random seed, for reproducible samples")
+    p.add_argument("--tokenizer", metavar="FILE", help="tokenizer.json to use instead of the run directory's")
+    _add_device_args(p)
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args, overrides):
+    from lunaris.generate import run_generate
+    run_generate(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, tokenizer_path=args.tokenizer,
+                 device=args.device, dtype=args.dtype, threads=args.threads)
+    return 0
+
+
+def add_eval_parser(sub):
+    p = sub.add_parser("eval", help="loss, perplexity and bits-per-byte of a checkpoint on held-out shards",
+                       description="Evaluate a checkpoint on held-out token shards (default: the run's val split) "
+                                   "and print one JSON object: loss (nats/token), perplexity, bits_per_byte, "
+                                   "tokens evaluated.")
+    _add_model_source(p)
+    p.add_argument("--data", metavar="DIR", help="prepared data directory (its val/ split) or a directory of "
+                                                 ".npy shards (default: the run's held-out data)")
+    p.add_argument("--max-batches", type=int, help="evaluate only the first N batches (default: all)")
+    p.add_argument("--batch-size", type=int, help="sequences per batch (default: the run's batch_size)")
+    p.add_argument("--json", metavar="FILE", help="also write the result to FILE")
+    _add_device_args(p)
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args, overrides):
+    import json
+
+    from lunaris.evaluate import run_eval
+    result = run_eval(args.checkpoint, data=args.data, max_batches=args.max_batches, batch_size=args.batch_size,
+                      device=args.device, dtype=args.dtype, threads=args.threads, json_path=args.json)
+    print(json.dumps(result))
+    return 0
+
+
+def add_export_parser(sub):
+    p = sub.add_parser("export", help="write a Hugging Face model directory (Llama, or Lunaris remote code)",
+                       description="Export a checkpoint as a Hugging Face model directory: model.safetensors, "
+                                   "config.json, generation_config.json and tokenizer files. A dense model with "
+                                   "n_reasoning_steps 1 becomes LlamaForCausalLM; other models (MoC, IRL) carry "
+                                   "their modeling code (load with trust_remote_code=True).")
+    _add_model_source(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (new or empty, see --force)")
+    p.add_argument("--format", default="auto", choices=["auto", "llama", "lunaris"],
+                   help="auto: llama when the model allows it, else lunaris (remote code)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="dtype of the saved weights")
+    p.add_argument("--tokenizer", metavar="FILE", help="tokenizer.json to use instead of the run directory's")
+    p.add_argument("--force", action="store_true", help="replace the exported files of a non-empty --out")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args, overrides):
+    from lunaris.export import export_checkpoint
+    summary = export_checkpoint(args.checkpoint, args.out, tokenizer=args.tokenizer, fmt=args.format,
+                                dtype=args.dtype, force=args.force)
+    loader = "LlamaForCausalLM.from_pretrained(DIR)" if summary["format"] == "llama" else \
+        "AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)"
+    print(f"exported {summary['parameters']:,} parameters ({summary['dtype']}) as {summary['format']} to "
+          f"{summary['out_dir']}: {', '.join(summary['files'])}\nload it with transformers: {loader}")
+    return 0
+
+
+# ---- lunaris selftest -----------------------------------------------------------------------------
+
+def add_selftest_parser(sub):
+    p = sub.add_parser("selftest", help="sanity-check this machine: train and sample tiny dense and MoC models",
+                       description="Train tiny dense, MoC-mha and MoC-simple models with iterative reasoning for a "
+                                   "few steps on synthetic data (the loss must fall), generate a few tokens, and "
+                                   "report the device, torch version, torch.compile and torch.distributed. Exit "
+                                   "status 0 only if every model check passes.")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
+    p.add_argument("--steps", type=int, default=30, help="training steps per model (default 30)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile check (it takes seconds)")
+    p.set_defaults(func=cmd_selftest)
+
+
+def cmd_selftest(args, overrides):
+    from lunaris.selftest import run_selftest
+    if args.steps < 4:
+        raise LunarisError(f"--steps must be at least 4 (got {args.steps}): the check compares the first and "
+                           f"last two losses.")
+    return run_selftest(device=args.device, steps=args.steps, compile_check=not args.no_compile)
+
+
+# ---- lunaris bench --------------------------------------------------------------------------------
+
+def add_bench_parser(sub):
+    p = sub.add_parser(
+        "bench", help="training-step speed and MFU against transformers' Llama, MoC vs dense, memory",
+        description="Time training steps (forward, backward, AdamW) of Lunaris (eager and compiled) and "
+                    "transformers' LlamaForCausalLM at identical shapes, in turns on this machine; report tokens/s, "
+                    "ratios, MFU against the measured matmul rate (and the GPU's datasheet peak), MoC top-2/8 "
+                    "against the dense model of equal active parameters, peak memory of each configuration, and "
+                    "the figures of the repository's bench/ scripts. Prints a markdown table.")
+    p.add_argument("--quick", action="store_true", help="tiny model, few rounds, no compile (a smoke test, seconds)")
+    p.add_argument("--json", metavar="FILE", help="also write every figure, the machine and the command to FILE")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to run (default cpu)")
+    p.add_argument("--sizes", nargs="+", metavar="SIZE",
+                   help="model sizes: tiny 30m 100m 350m 1b (default: 30m 100m on CPU, 350m 1b on CUDA)")
+    p.add_argument("--seq-len", type=int, help="sequence length (default 256 on CPU, 2048 on CUDA)")
+    p.add_argument("--batch", type=int, help="sequences per step (default 4 on CPU, 8 on CUDA)")
+    p.add_argument("--repeats", type=int, help="timed rounds; the median is reported (default 7, quick 3)")
+    p.add_argument("--warmup", type=int, help="untimed steps of each side first (default 2, quick 1)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice; reported)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time torch.compile'd Lunaris (default on, off with --quick)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--no-moc", action="store_true", help="skip MoC top-2/8 vs dense")
+    p.add_argument("--no-scripts", action="store_true", help="skip the repository's bench/ scripts")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args, overrides):
+    from lunaris.bench import command_line, main_bench, resolve_settings
+    settings = resolve_settings(
+        device=args.device, quick=args.quick, sizes=args.sizes, seq_len=args.seq_len, batch=args.batch,
+        warmup=args.warmup, repeats=args.repeats, threads=args.threads, compile=args.compile,
+        memory=not args.no_memory, moc=not args.no_moc, scripts=not args.no_scripts)
+    main_bench(settings, json_path=args.json, command=command_line(args))
+    return 0
+
+
+# ---- lunaris demo -------------------------------------------------------------------------------
+
+def add_demo_parser(sub):
+    p = sub.add_parser("demo", help="the whole workflow in minutes on this machine: data, train, eval, sample, plot",
+                       description="Build a corpus from the Python standard library's source files, prepare it, "
+                                   "train a small model (a few minutes on a CPU), evaluate it against the unigram "
+                                   "baseline, sample code from 'def ', and plot the loss curve. Running it again "
+                                   "resumes the same run.")
+    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, help="training time budget of a new run (default 4)")
+    budget.add_argument("--max-steps", type=int, help="train to exactly this many optimizer steps")
+    p.add_argument("--arch", choices=["dense", "moc"], default="dense", help="model architecture (default dense)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="default auto")
+    p.add_argument("--corpus-mb", type=float, default=6.0, help="MB of standard-library source to use (default 6)")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args, overrides):
+    from lunaris.demo import run_demo
+    summary = run_demo(args.out, args.minutes, args.max_steps, args.arch, args.device, args.corpus_mb)
+    return 0
+
+
 # ---- entry point ----------------------------------------------------------------------------------
 
-PARSERS = [add_config_parser, add_plot_parser]
+PARSERS = [add_demo_parser, add_config_parser, add_plot_parser, add_prepare_parser, add_train_parser,
+           add_generate_parser, add_eval_parser, add_export_parser, add_selftest_parser, add_bench_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from lunaris.errors import CheckpointError, ConfigError, LunarisError
+from lunaris.errors import ConfigError, LunarisError
 
 END_OF_TEXT = "<|endoftext|>"  # the document separator `lunaris prepare` trains into every tokenizer
 
@@ -31,6 +31,14 @@ def check_sampling_args(max_new_tokens: int, temperature: float, top_k, top_p) -
         problems.append(f"top_p must be in (0, 1] or None, got {top_p!r}")
     if problems:
         raise ConfigError("invalid generation settings: " + "; ".join(problems) + ".")
+
+
+def check_prompt_length(prompt_tokens: int, max_seq_len: int) -> None:
+    """A prompt must leave room for at least one new token within the model's context."""
+    if not 0 < prompt_tokens < max_seq_len:
+        raise LunarisError(
+            f"the prompt has {prompt_tokens} tokens, but generation needs between 1 and {max_seq_len - 1} (the "
+            f"model's context, max_seq_len={max_seq_len}, must leave room for new tokens); shorten the prompt.")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = None, top_p: float = None) -> torch.Tensor:
@@ -74,7 +82,8 @@ def find_tokenizer(checkpoint, override=None) -> Path:
                                f"wrote into the data directory.")
         return path
     checkpoint = Path(checkpoint)
-    run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    is_run_dir = checkpoint.is_dir() and not (checkpoint / ".metadata").is_file()  # not an FSDP checkpoint dir
+    run_dir = checkpoint if is_run_dir else checkpoint.parent
     path = run_dir / "tokenizer.json"
     if not path.is_file():
         raise LunarisError(f"no tokenizer.json next to the checkpoint (looked in {run_dir}); pass --tokenizer FILE, "
@@ -148,7 +157,10 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise LunarisError(f"--device {name} was requested but CUDA is not available on this machine; use --device cpu.")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise LunarisError(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps.") from None
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -163,9 +175,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_model(checkpoint, device: str = "auto", dtype: str = "auto"):
+def load_model(checkpoint, device: str = "auto", dtype: str = "auto", threads: int = None):
     """LunarisCodex from a checkpoint or run directory, in eval mode, on the resolved device and precision."""
     from lunaris.model import LunarisCodex
+    if threads is not None:
+        if threads < 1:
+            raise LunarisError(f"--threads must be a positive integer, got {threads}.")
+        torch.set_num_threads(threads)
     torch_device = resolve_device(device)
     model = LunarisCodex.from_checkpoint(checkpoint, device=torch_device)
     return model.to(resolve_dtype(dtype, torch_device))
@@ -175,7 +191,7 @@ def load_model(checkpoint, device: str = "auto", dtype: str = "auto"):
 
 def run_generate(checkpoint, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = None,
                  top_p: float = None, seed: int = None, tokenizer_path=None, device: str = "auto",
-                 dtype: str = "auto", out=None, err=None) -> str:
+                 dtype: str = "auto", threads: int = None, out=None, err=None) -> str:
     """Print the prompt, then the continuation as it is produced; return the continuation.
 
     An empty prompt starts a new document (the model sees <|endoftext|>). Stops at <|endoftext|>, after
@@ -183,15 +199,16 @@ def run_generate(checkpoint, prompt: str, max_new_tokens: int = 200, temperature
     """
     out, err = out or sys.stdout, err or sys.stderr
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
-    model = load_model(checkpoint, device, dtype)
+    model = load_model(checkpoint, device, dtype, threads)
     tokenizer = load_tokenizer(find_tokenizer(checkpoint, tokenizer_path), model.config.vocab_size)
     eos = end_of_text_id(tokenizer)
-    prompt_ids = tokenizer.encode(prompt).ids
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False).ids  # as `lunaris prepare` encodes documents
     if not prompt_ids:
         if eos is None:
             raise LunarisError(f"the prompt is empty and the tokenizer has no {END_OF_TEXT} token to start a document "
                                f"with; pass --prompt TEXT.")
         prompt_ids = [eos]
+    check_prompt_length(len(prompt_ids), model.config.max_seq_len)
     device_ = model.wte.weight.device
     generator = torch.Generator(device=device_).manual_seed(seed) if seed is not None else None
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device_)

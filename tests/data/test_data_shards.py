@@ -83,7 +83,7 @@ def test_exact_multiple_has_no_padding_and_uint32(tmp_path):
     stream = write_shards(tmp_path, [9], dtype=np.uint32, start=70000)
     ds = ShardDataset(tmp_path, 4)  # 9 tokens = 2 full windows of 4 (+1 shared)
     assert len(ds) == 2
-    x, y = ds.get_batch([0, 1])
+    _, y = ds.get_batch([0, 1])
     assert (y >= 0).all()
     assert y[1].tolist() == (stream[5:9]).tolist()
 

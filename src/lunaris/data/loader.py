@@ -13,7 +13,7 @@ first batch not yet consumed).
 from __future__ import annotations
 
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch

@@ -38,8 +38,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -91,13 +91,13 @@ def _load_manifest_file(path: Path) -> dict:
     return manifest
 
 
-def read_manifest(data_dir) -> Optional[dict]:
+def read_manifest(data_dir) -> dict | None:
     """The manifest describing `data_dir` (a prepared root or one of its splits), or None for a flat directory."""
     root, _ = _manifest_location(Path(data_dir))
     return _load_manifest_file(root / MANIFEST_NAME) if root is not None else None
 
 
-def split_info(data_dir) -> Optional[dict]:
+def split_info(data_dir) -> dict | None:
     """The manifest's entry for the split `data_dir` points at (documents, tokens, bytes, shards), or None."""
     root, split = _manifest_location(Path(data_dir))
     if root is None:
@@ -105,7 +105,7 @@ def split_info(data_dir) -> Optional[dict]:
     return _load_manifest_file(root / MANIFEST_NAME)["splits"].get(split)
 
 
-def tokenizer_path(data_dir) -> Optional[Path]:
+def tokenizer_path(data_dir) -> Path | None:
     """The `tokenizer.json` belonging to `data_dir` (prepared root, split, or flat directory), or None."""
     path = Path(data_dir)
     root, _ = _manifest_location(path)

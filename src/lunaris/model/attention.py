@@ -6,6 +6,10 @@ import torch.nn.functional as F
 
 from lunaris.model.layers import apply_rotary
 
+# torch >= 2.5: SDPA shares each KV head across its query group itself (enable_gqa), without
+# materializing the repeated keys/values (a copy forward, a reduction backward).
+SDPA_HAS_GQA = torch.__version__ >= (2, 5)
+
 
 class KVCache:
     """Preallocated keys and values of one layer at n_kv_heads: (B, Hkv, T_max, hd) each."""
@@ -42,12 +46,16 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, start)                                # (B, Hkv, start+T, hd)
+        gqa = {}
         if self.n_kv_heads != self.n_heads:  # each KV head serves n_heads/n_kv_heads query heads
-            repeat = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+            if SDPA_HAS_GQA:
+                gqa = {"enable_gqa": True}
+            else:
+                repeat = self.n_heads // self.n_kv_heads
+                k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)  # (B, Hq, S, hd)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=self._decode_mask(T, k.shape[2], x.device),
-            dropout_p=self.dropout if self.training else 0.0, is_causal=(k.shape[2] == T and T > 1))
+            dropout_p=self.dropout if self.training else 0.0, is_causal=(k.shape[2] == T and T > 1), **gqa)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.proj(y)
 

@@ -298,7 +298,9 @@ def find_latest(out_dir) -> Optional[Path]:
             try:
                 candidates.append((checkpoint_step(latest), 1, latest))  # on a tie, prefer the latest link
             except CheckpointError:
-                pass  # unreadable latest: fall back to the numbered ones
+                # unreadable: any numbered checkpoint wins; without one, loading it reports the damage
+                # (rather than a silent restart from step 0 over the user's run)
+                candidates.append((-1, 0, latest))
     return max(candidates)[2] if candidates else None
 
 
@@ -321,22 +323,26 @@ def _torch_load(path: Path, mmap: bool = False) -> dict:
             f"corrupt; use an older ckpt_<step>.pt from the same directory (pass it with --resume).") from None
 
 
-def _load_dcp_dir(path: Path) -> dict:
-    """A DCP directory -> the plain checkpoint dict (full model and optimizer state in this process)."""
+def _load_dcp_dir(path: Path, include_optimizer: bool = True) -> dict:
+    """A DCP directory -> the plain checkpoint dict (full model, and optimizer state, in this process)."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     state = dict(_torch_load(path / TRAINER_STATE))
     tensors: dict = {}
+    try:  # `keys` (read only the model) is newer than torch 2.4's planner; without it everything is read
+        planner = _EmptyStateDictLoadPlanner(keys=None if include_optimizer else {"model"})
+    except TypeError:
+        planner = _EmptyStateDictLoadPlanner()
     try:
-        _load_state_dict(tensors, storage_reader=FileSystemReader(str(path)),
-                         planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+        _load_state_dict(tensors, storage_reader=FileSystemReader(str(path)), planner=planner, no_dist=True)
     except Exception as exc:
         raise CheckpointError(f"Checkpoint directory {path} cannot be read ({type(exc).__name__}: {exc}). "
                               f"It is incomplete or corrupt; use an older ckpt_<step>/ directory.") from None
     state["model"] = clean_state_dict(tensors["model"])
-    state["optimizer"] = tensors.get("optimizer", {})
+    if include_optimizer:
+        state["optimizer"] = tensors.get("optimizer", {})
     return state
 
 
@@ -355,10 +361,20 @@ def resolve_checkpoint_path(path) -> Path:
     return path
 
 
-def load_checkpoint_file(path) -> dict:
-    """Load a checkpoint (file, DCP directory, or a run directory's newest) as the plain dict above, on CPU."""
+def load_checkpoint_file(path, include_optimizer: bool = True) -> dict:
+    """Load a checkpoint (file, DCP directory, or a run directory's newest) as the plain dict above, on CPU.
+
+    `include_optimizer=False` (generation, evaluation, export) skips the optimizer state, which is
+    twice the size of the model: a file is memory-mapped and its optimizer tensors never read, and
+    a DCP directory's are not assembled; the dict then has no "optimizer" key.
+    """
     path = resolve_checkpoint_path(path)
-    state = _load_dcp_dir(path) if path.is_dir() else _torch_load(path)
+    if path.is_dir():
+        state = _load_dcp_dir(path, include_optimizer)
+    else:
+        state = dict(_torch_load(path, mmap=not include_optimizer))
+    if not include_optimizer:
+        state.pop("optimizer", None)
     missing = [key for key in ("model", "step", "config") if key not in state]
     if missing:
         raise CheckpointError(f"{path} is not a Lunaris checkpoint: it lacks {', '.join(missing)}. "

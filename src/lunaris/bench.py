@@ -1,0 +1,627 @@
+"""`lunaris bench`: training-step speed measured side by side against what users would use instead.
+
+What is measured, all in one process on one machine, each figure after warm-up, repeated, median reported:
+
+- Training step (forward, backward, AdamW step) of our dense model, eager and `torch.compile`d, against
+  `transformers`' LlamaForCausalLM with identical shapes: vocabulary, width, depth, heads, GQA, tied
+  embeddings, sequence length, batch, dtype. Our block norms are built with `norm_bias: false` so the
+  parameter counts are exactly equal (Llama's RMSNorm has no bias). Both sides use the same AdamW
+  (fused where our `configure_optimizers` fuses it, as the Hugging Face Trainer's default
+  `adamw_torch_fused` does). The sides run in turns, one step each per round, in an order that rotates
+  from round to round, so load from other processes hits all of them alike; ratios are the median of
+  the per-round ratios.
+- MFU: model FLOPs/s (`flops_per_token` x tokens/s) over the dense matmul rate measured in the same
+  rounds (a square matmul in the training dtype), and on a GPU also over the datasheet peak.
+- MoC top-2 of 8 (`collab_mode: none`, S = 1) against the dense model of equal active parameters
+  (dense FFN hidden = top_k x expert hidden).
+- Peak memory of every configuration, each in a fresh subprocess: CPU `ru_maxrss` (the process's
+  peak resident memory; `delta` is the growth over the built model and optimizer), CUDA
+  `max_memory_allocated`.
+- The data-loader, generation and MoC-layer figures of the scripts in the repository's `bench/`
+  folder (run as subprocesses; their markdown tables are copied into the report).
+
+Output: a markdown table on stdout, and with --json a file with the machine, versions, command, git
+commit, settings, every raw timing and the targets.
+"""
+
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from lunaris.errors import LunarisError
+
+# ---------------------------------------------------------------------------------------------
+# Model shapes
+# ---------------------------------------------------------------------------------------------
+
+# Dense shapes (Llama-style, GQA, tied embeddings). Parameter counts are exact for both models.
+SIZES = {
+    "tiny": dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_size=192),   # 0.1M
+    "30m": dict(vocab_size=16384, d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_hidden_size=1376),  # 31.6M
+    "100m": dict(vocab_size=32000, d_model=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn_hidden_size=2048),  # 100.0M
+    "350m": dict(vocab_size=32000, d_model=1024, n_layers=24, n_heads=16, n_kv_heads=8, ffn_hidden_size=3072),  # 335M
+    "1b": dict(vocab_size=32000, d_model=2048, n_layers=20, n_heads=32, n_kv_heads=8, ffn_hidden_size=5632),  # 967M
+}
+DEFAULT_SIZES = {"cpu": ["30m", "100m"], "cuda": ["350m", "1b"]}
+QUICK_SIZES = ["tiny"]
+# (sequence length, batch) per device; --seq-len / --batch override.
+DEFAULT_SHAPE = {"cpu": (256, 4), "cuda": (2048, 8)}
+QUICK_SHAPE = (32, 2)
+MOC_EXPERTS, MOC_TOP_K = 8, 2
+MOC_NAME = f"lunaris MoC top-{MOC_TOP_K}/{MOC_EXPERTS}"
+
+TARGETS = {  # issue 8
+    "cpu": {"vs_llama": 1.10, "mfu_measured": 0.75, "moc_vs_dense": 0.75},
+    "cuda": {"mfu_peak": 0.50, "moc_mfu_peak": 0.40},
+}
+
+
+@dataclass
+class BenchSettings:
+    device: str = "cpu"
+    quick: bool = False
+    sizes: list = field(default_factory=list)
+    seq_len: int = 256
+    batch: int = 4
+    warmup: int = 2
+    repeats: int = 7
+    threads: Optional[int] = None
+    compile: bool = True
+    memory: bool = True
+    moc: bool = True
+    scripts: bool = True
+
+    @property
+    def dtype_name(self) -> str:
+        """fp32 on CPU (bf16 matmuls are slow there); bf16 autocast over fp32 weights on CUDA."""
+        return "bf16" if self.device == "cuda" else "fp32"
+
+
+def resolve_settings(device: str = "cpu", quick: bool = False, sizes=None, seq_len=None, batch=None,
+                     warmup=None, repeats=None, threads=None, compile=None, memory=True, moc=True,
+                     scripts=True) -> BenchSettings:
+    """Defaults for the device and mode, with every explicit choice kept; raises LunarisError for bad values."""
+    if device not in ("cpu", "cuda"):
+        raise LunarisError(f"lunaris bench --device must be cpu or cuda, got {device!r}.")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LunarisError("lunaris bench --device cuda: this torch build sees no CUDA GPU "
+                           f"(torch {torch.__version__}); run with --device cpu or on a GPU machine.")
+    sizes = list(sizes) if sizes else (QUICK_SIZES if quick else DEFAULT_SIZES[device])
+    unknown = [s for s in sizes if s not in SIZES]
+    if unknown:
+        raise LunarisError(f"lunaris bench --sizes: unknown size(s) {', '.join(unknown)}; "
+                           f"choose from {', '.join(SIZES)}.")
+    default_seq, default_batch = QUICK_SHAPE if quick else DEFAULT_SHAPE[device]
+    settings = BenchSettings(
+        device=device, quick=quick, sizes=sizes, seq_len=default_seq if seq_len is None else seq_len,
+        batch=default_batch if batch is None else batch,
+        warmup=warmup if warmup is not None else (1 if quick else 2),
+        repeats=repeats if repeats is not None else (3 if quick else 7),
+        threads=threads, compile=(not quick) if compile is None else compile,
+        memory=memory, moc=moc, scripts=scripts)
+    for name in ("seq_len", "batch", "repeats"):
+        if getattr(settings, name) < 1:
+            raise LunarisError(f"lunaris bench --{name.replace('_', '-')} must be at least 1, "
+                               f"got {getattr(settings, name)}.")
+    if settings.warmup < 0 or (threads is not None and threads < 1):
+        raise LunarisError("lunaris bench: --warmup must be >= 0 and --threads >= 1.")
+    return settings
+
+
+def lunaris_config(size: str, seq_len: int, moc: bool = False):
+    """Our dense model at SIZES[size] (norm_bias off: same parameters as Llama), or its MoC twin:
+    top-2 of 8 experts of half the dense hidden size, so the active FFN weights per token are equal."""
+    from lunaris.config import LunarisCodexConfig
+    shape = dict(SIZES[size])
+    if moc:
+        shape.update(n_experts=MOC_EXPERTS, top_k=MOC_TOP_K, collab_mode="none", n_reasoning_steps=1,
+                     ffn_hidden_size=shape["ffn_hidden_size"] // MOC_TOP_K)
+    return LunarisCodexConfig(max_seq_len=seq_len, norm_bias=False, tie_embeddings=True, dropout=0.0, **shape)
+
+
+def llama_config(config):
+    """transformers LlamaConfig with the same shapes as our LunarisCodexConfig (SDPA attention)."""
+    from transformers import LlamaConfig
+    return LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.d_model, intermediate_size=config.ffn_hidden,
+        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads, num_key_value_heads=config.kv_heads,
+        max_position_embeddings=config.max_seq_len, rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta,
+        tie_word_embeddings=True, attention_bias=False, mlp_bias=False, attention_dropout=0.0,
+        attn_implementation="sdpa")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training steps
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Contender:
+    """One side of a comparison: a model, its optimizer and a zero-argument training step."""
+    name: str
+    model: torch.nn.Module
+    step: Callable[[], None]
+    flops_per_token: float
+    params: int
+    error: Optional[str] = None
+
+
+def make_step(model, optimizer, idx, targets, device: str, hf: bool) -> Callable[[], None]:
+    """forward (bf16 autocast on CUDA), backward, AdamW step, zero_grad(set_to_none)."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else None
+
+    def step():
+        if autocast is not None:
+            with autocast:
+                loss = model(input_ids=idx, labels=idx).loss if hf else model(idx, targets).loss
+        else:
+            loss = model(input_ids=idx, labels=idx).loss if hf else model(idx, targets).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def build_contender(kind: str, size: str, settings: BenchSettings, compiled: bool = False) -> Contender:
+    """kind: 'lunaris' (dense), 'lunaris-moc' or 'llama'. Same seed, same batch of random tokens."""
+    from lunaris.model import LunarisCodex
+    torch.manual_seed(0)
+    device, T, B = settings.device, settings.seq_len, settings.batch
+    config = lunaris_config(size, T, moc=(kind == "lunaris-moc"))
+    ours = LunarisCodex(config).to(device)
+    optimizer = ours.configure_optimizers(weight_decay=0.1, learning_rate=3e-4, device_type=device)
+    fused = bool(optimizer.defaults.get("fused"))
+    flops = ours.flops_per_token(T)  # identical shapes: the same FLOPs for Llama
+    idx = torch.randint(0, config.vocab_size, (B, T), device=device)
+    targets = torch.roll(idx, -1, dims=1)
+    if kind == "llama":
+        from transformers import LlamaForCausalLM
+        del ours, optimizer
+        model = LlamaForCausalLM(llama_config(config)).to(device).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=fused)
+        params = sum(p.numel() for p in model.parameters())
+        name = "transformers LlamaForCausalLM"
+        return Contender(name, model, make_step(model, optimizer, idx, targets, device, hf=True), flops, params)
+    model = ours.train()
+    params = ours.num_params()
+    runnable = torch.compile(model) if compiled else model
+    name = (MOC_NAME if kind == "lunaris-moc" else "lunaris") + (" compiled" if compiled else " eager")
+    return Contender(name, model, make_step(runnable, optimizer, idx, targets, device, hf=False), flops, params)
+
+
+def matmul_probe(settings: BenchSettings):
+    """(FLOPs, zero-argument function): square matmuls in the training dtype, the machine's dense rate."""
+    n = {"cuda": 8192}.get(settings.device, 512 if settings.quick else 2048)
+    calls = 10 if settings.device == "cuda" else 3
+    dtype = torch.bfloat16 if settings.device == "cuda" else torch.float32
+    a = torch.randn(n, n, device=settings.device, dtype=dtype)
+    b = torch.randn(n, n, device=settings.device, dtype=dtype)
+
+    def probe():
+        for _ in range(calls):
+            torch.mm(a, b)
+    return 2.0 * n ** 3 * calls, probe
+
+
+def synchronize(device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_in_turns(steps: dict, warmup: int, repeats: int, device: str) -> dict:
+    """{name: [seconds per round]}: every step once per round, the order rotating each round."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    synchronize(device)
+    names = list(steps)
+    times = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start = time.perf_counter()
+            steps[name]()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median_ratio(numerators: list, denominators: list) -> float:
+    return statistics.median(n / d for n, d in zip(numerators, denominators))
+
+
+def compare(title: str, contenders: list, baselines: dict, settings: BenchSettings, peak_flops) -> list:
+    """Time the contenders in turns with the matmul probe; one result row per contender.
+
+    `baselines` maps a contender's name to the name of the one it is compared with (x baseline > 1: faster).
+    """
+    probe_flops, probe = matmul_probe(settings)
+    runnable = {c.name: c.step for c in contenders if c.error is None}
+    times = time_in_turns({**runnable, "matmul": probe}, settings.warmup, settings.repeats, settings.device)
+    tokens = settings.batch * settings.seq_len
+    rows = []
+    for c in contenders:
+        row = {"comparison": title, "name": c.name, "params": c.params, "seq_len": settings.seq_len,
+               "batch": settings.batch, "dtype": settings.dtype_name, "flops_per_token": c.flops_per_token}
+        if c.error is not None:
+            rows.append({**row, "error": c.error})
+            continue
+        ts = times[c.name]
+        achieved = [c.flops_per_token * tokens / t for t in ts]          # model FLOP/s per round
+        rates = [probe_flops / t for t in times["matmul"]]               # matmul FLOP/s per round
+        row.update(step_s=ts, step_s_median=statistics.median(ts), tokens_per_s=tokens / statistics.median(ts),
+                   matmul_flops_per_s=statistics.median(rates),
+                   mfu_measured=statistics.median(a / m for a, m in zip(achieved, rates)),
+                   mfu_peak=statistics.median(achieved) / peak_flops if peak_flops else None)
+        baseline = baselines.get(c.name)
+        if baseline in times:
+            row["baseline"] = baseline
+            row["vs_baseline"] = median_ratio(times[baseline], ts)  # > 1: faster than the baseline
+        rows.append(row)
+    return rows
+
+
+def try_compile(contender: Contender, settings: BenchSettings) -> Contender:
+    """Run the compiled step once (that compiles it); on failure keep the row with the error."""
+    try:
+        contender.step()
+        synchronize(settings.device)
+    except Exception as exc:  # a missing C++ compiler, an unsupported op: report it, do not stop the bench
+        contender.error = f"torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    return contender
+
+
+def dense_comparison(size: str, settings: BenchSettings, peak_flops, log) -> list:
+    log(f"dense {size}: building lunaris and transformers Llama ...")
+    contenders = [build_contender("lunaris", size, settings), build_contender("llama", size, settings)]
+    if settings.compile:
+        log(f"dense {size}: compiling lunaris (first call) ...")
+        contenders.append(try_compile(build_contender("lunaris", size, settings, compiled=True), settings))
+    log(f"dense {size}: timing {settings.repeats} rounds ...")
+    llama = "transformers LlamaForCausalLM"
+    rows = compare(f"dense {size}", contenders, {"lunaris eager": llama, "lunaris compiled": llama}, settings,
+                   peak_flops)
+    del contenders
+    return rows
+
+
+def moc_comparison(size: str, settings: BenchSettings, peak_flops, log) -> list:
+    log(f"MoC top-{MOC_TOP_K}/{MOC_EXPERTS} vs dense {size}: building ...")
+    contenders = [build_contender("lunaris", size, settings), build_contender("lunaris-moc", size, settings)]
+    if settings.compile:
+        log("MoC: compiling dense and MoC (first calls) ...")
+        contenders += [try_compile(build_contender(kind, size, settings, compiled=True), settings)
+                       for kind in ("lunaris", "lunaris-moc")]
+    log(f"MoC vs dense {size}: timing {settings.repeats} rounds ...")
+    baselines = {f"{MOC_NAME} eager": "lunaris eager", f"{MOC_NAME} compiled": "lunaris compiled"}
+    rows = compare(f"MoC vs dense {size}", contenders, baselines, settings, peak_flops)
+    del contenders
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak memory: one fresh process per configuration
+# ---------------------------------------------------------------------------------------------
+
+def measure_memory(kind: str, size: str, compiled: bool, settings: BenchSettings) -> dict:
+    """Build the configuration in a fresh Python process, run two steps, return its peak memory (MiB)."""
+    spec = dict(kind=kind, size=size, compiled=compiled, device=settings.device, seq_len=settings.seq_len,
+                batch=settings.batch, threads=torch.get_num_threads())
+    proc = subprocess.run([sys.executable, "-m", "lunaris.bench", "--memory-worker", json.dumps(spec)],
+                          capture_output=True, text=True, timeout=1800)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"memory worker failed (exit {proc.returncode}): {tail[:200]}"}
+    return json.loads(lines[-1])
+
+
+def memory_worker(spec: dict) -> dict:
+    """Runs in the subprocess: peak memory of two training steps of one configuration."""
+    torch.set_num_threads(spec["threads"])
+    settings = BenchSettings(device=spec["device"], seq_len=spec["seq_len"], batch=spec["batch"])
+    contender = build_contender(spec["kind"], spec["size"], settings, compiled=spec["compiled"])
+    if settings.device == "cuda":
+        synchronize("cuda")
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(2):
+            contender.step()
+        synchronize("cuda")
+        peak = torch.cuda.max_memory_allocated()
+        return {"peak_mib": peak / 2**20, "delta_mib": (peak - before) / 2**20, "measure": "cuda max_memory_allocated"}
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    for _ in range(2):
+        contender.step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"peak_mib": peak / 2**20, "delta_mib": (peak - before) / 2**20, "measure": "ru_maxrss"}
+
+
+MEMORY_KINDS = {"lunaris eager": ("lunaris", False), "lunaris compiled": ("lunaris", True),
+                "transformers LlamaForCausalLM": ("llama", False),
+                f"{MOC_NAME} eager": ("lunaris-moc", False), f"{MOC_NAME} compiled": ("lunaris-moc", True)}
+
+
+def add_memory(rows: list, settings: BenchSettings, log) -> None:
+    done = {}
+    for row in rows:
+        if "error" in row or row["name"] not in MEMORY_KINDS:
+            continue
+        kind, compiled = MEMORY_KINDS[row["name"]]
+        size = row["comparison"].split()[-1]
+        key = (kind, size, compiled)
+        if key not in done:
+            log(f"peak memory: {row['name']} {size} (fresh process) ...")
+            done[key] = measure_memory(kind, size, compiled, settings)
+        row["memory"] = done[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# The repository's bench/ scripts (data loader, generation, MoC layer)
+# ---------------------------------------------------------------------------------------------
+
+SCRIPTS = {  # name: (file, quick arguments, full arguments)
+    "data": ("bench_data.py", ["--corpus-mb", "2", "--loader-tokens", "4000000", "--repeats", "1"], []),
+    "generate": ("bench_generate.py", ["--quick"], []),
+    "moc_layer": ("bench_moc.py", ["--quick", "--rounds", "3"], []),
+}
+
+
+def bench_scripts_dir() -> Optional[Path]:
+    """The repository's bench/ folder when lunaris runs from a checkout (an installed wheel has none)."""
+    folder = Path(__file__).resolve().parents[2] / "bench"
+    return folder if folder.is_dir() else None
+
+
+def markdown_tables(text: str) -> list:
+    """Every markdown table in text as a list of rows (lists of cells), separator lines dropped."""
+    tables, current = [], []
+    for line in text.splitlines() + [""]:
+        line = line.strip()
+        if line.startswith("|") and line.endswith("|"):
+            cells = [c.strip() for c in line[1:-1].split("|")]
+            if not all(set(c) <= set("-: ") for c in cells):
+                current.append(cells)
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+def run_script(name: str, settings: BenchSettings) -> dict:
+    folder = bench_scripts_dir()
+    file, quick_args, full_args = SCRIPTS[name]
+    if folder is None or not (folder / file).is_file():
+        return {"skipped": f"bench/{file} not found (run lunaris bench from a source checkout)"}
+    args = quick_args if settings.quick else full_args
+    threads = ["--threads", str(torch.get_num_threads())] if name == "moc_layer" else []
+    command = [sys.executable, str(folder / file), *args, *threads]
+    start = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=3600, cwd=folder.parent)
+    result = {"command": " ".join(["python", f"bench/{file}", *args, *threads]),
+              "seconds": round(time.perf_counter() - start, 1)}
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {**result, "error": f"exit {proc.returncode}: {tail[:300]}"}
+    return {**result, "stdout": proc.stdout, "tables": markdown_tables(proc.stdout)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine, report
+# ---------------------------------------------------------------------------------------------
+
+def git_commit() -> Optional[dict]:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit.returncode != 0:
+        return None
+    return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(settings: BenchSettings) -> dict:
+    info = {"platform": platform.platform(), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "device": settings.device, "python": platform.python_version(),
+            "torch": torch.__version__}
+    try:
+        import transformers
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        info["transformers"] = None
+    if settings.device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def datasheet_peak(settings: BenchSettings) -> Optional[float]:
+    if settings.device != "cuda":
+        return None
+    from lunaris.train.logging import peak_flops_for_name
+    return peak_flops_for_name(torch.cuda.get_device_name())
+
+
+def check_targets(rows: list, settings: BenchSettings) -> list:
+    """The issue's targets, each with the measured value and whether it is met."""
+    wanted = TARGETS[settings.device]
+    checks = []
+    for row in rows:
+        if "error" in row:
+            continue
+        if row["comparison"].startswith("dense") and "vs_baseline" in row:
+            if "vs_llama" in wanted:
+                checks.append({"target": f"{row['comparison']}: {row['name']} tokens/s vs Llama",
+                               "value": row["vs_baseline"], "at_least": wanted["vs_llama"]})
+        if row["comparison"].startswith("dense") and row["name"].startswith("lunaris"):
+            if "mfu_measured" in wanted:
+                checks.append({"target": f"{row['comparison']}: {row['name']} MFU vs measured matmul rate",
+                               "value": row["mfu_measured"], "at_least": wanted["mfu_measured"]})
+            if "mfu_peak" in wanted and row["mfu_peak"] is not None:
+                checks.append({"target": f"{row['comparison']}: {row['name']} MFU vs datasheet peak",
+                               "value": row["mfu_peak"], "at_least": wanted["mfu_peak"]})
+        if row["name"].startswith(MOC_NAME):
+            if "moc_vs_dense" in wanted and "vs_baseline" in row:
+                checks.append({"target": f"{row['comparison']}: {row['name']} tokens/s vs dense (equal active params)",
+                               "value": row["vs_baseline"], "at_least": wanted["moc_vs_dense"]})
+            if "moc_mfu_peak" in wanted and row["mfu_peak"] is not None:
+                checks.append({"target": f"{row['comparison']}: {row['name']} MFU (active FLOPs) vs peak",
+                               "value": row["mfu_peak"], "at_least": wanted["moc_mfu_peak"]})
+    for check in checks:
+        check["met"] = check["value"] >= check["at_least"]
+    return checks
+
+
+def _fmt(value, spec: str, missing: str = "") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def versus(row: dict, baselines: set) -> str:
+    """The 'x baseline' cell: '1.043 vs Llama', 'baseline', or empty."""
+    if "vs_baseline" in row:
+        short = "Llama" if row["baseline"].startswith("transformers") else row["baseline"].replace("lunaris ", "dense ")
+        return f"{row['vs_baseline']:.3f} vs {short}"
+    return "baseline" if (row["comparison"], row["name"]) in baselines else ""
+
+
+def markdown_report(report: dict) -> str:
+    m, s = report["machine"], report["settings"]
+    lines = [f"lunaris bench — {report['date']}, commit {(report['git'] or {}).get('commit', 'unknown')[:12]}"
+             f"{' (uncommitted changes)' if (report['git'] or {}).get('dirty') else ''}",
+             f"{m['cpu']}, {m['cpu_count']} CPUs, {m['torch_threads']} torch threads"
+             f"{', ' + m['gpu'] if m.get('gpu') else ''}; torch {m['torch']}, transformers {m['transformers']}; "
+             f"{s['dtype']}, seq {s['seq_len']}, batch {s['batch']}, {s['warmup']} warm-up + {s['repeats']} rounds",
+             f"command: {report['command']}", "",
+             "| comparison | model | params | tokens/s | x baseline | MFU (measured matmul) | MFU (peak) | peak MiB | +MiB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    baselines = {(row["comparison"], row["baseline"]) for row in report["results"] if "baseline" in row}
+    for row in report["results"]:
+        if "error" in row:
+            lines.append(f"| {row['comparison']} | {row['name']} | {row['params'] / 1e6:.1f}M | {row['error']} "
+                         f"| | | | | |")
+            continue
+        memory = row.get("memory", {})
+        lines.append(
+            f"| {row['comparison']} | {row['name']} | {row['params'] / 1e6:.1f}M | {row['tokens_per_s']:,.0f} | "
+            f"{versus(row, baselines)} | "
+            f"{row['mfu_measured']:.3f} | {_fmt(row['mfu_peak'], '.3f', 'n/a')} | "
+            f"{_fmt(memory.get('peak_mib'), ',.0f')} | {_fmt(memory.get('delta_mib'), ',.0f')} |")
+    rates = [row["matmul_flops_per_s"] for row in report["results"] if "matmul_flops_per_s" in row]
+    if rates:
+        lines.append(f"\nmeasured {s['dtype']} matmul rate (median over rounds): {statistics.median(rates) / 1e9:,.1f} "
+                     f"GFLOP/s" + (f"; datasheet peak {report['peak_flops'] / 1e12:,.0f} TFLOP/s"
+                                   if report.get("peak_flops") else ""))
+    if report["targets"]:
+        lines += ["", "| target | measured | needed | met |", "|---|---:|---:|---|"]
+        lines += [f"| {t['target']} | {t['value']:.3f} | >= {t['at_least']:.2f} | {'yes' if t['met'] else 'NO'} |"
+                  for t in report["targets"]]
+    for name, section in report["scripts"].items():
+        lines.append(f"\n### {name} (`{section.get('command', 'bench/' + SCRIPTS[name][0])}`)")
+        if "stdout" in section:
+            lines.append(section["stdout"].strip())
+        else:
+            lines.append(section.get("error") or section.get("skipped"))
+    return "\n".join(lines)
+
+
+def check_json_path(path) -> None:
+    path = Path(path)
+    if path.is_dir():
+        raise LunarisError(f"lunaris bench --json {path}: that is a directory; give a file name such as {path}/bench.json.")
+    if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+        raise LunarisError(f"lunaris bench --json {path}: directory {path.parent} does not exist or is not writable; "
+                           f"create it or choose another path.")
+
+
+def write_json(report: dict, path) -> None:
+    """Write to a temporary file beside `path`, then rename: an existing file is never left half-written."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def run_bench(settings: BenchSettings, command: str, log=None) -> dict:
+    """Run every measurement of `settings`; return the report dict (see markdown_report for its fields)."""
+    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    # Set explicitly (and reported): torch's default is the number of physical cores.
+    torch.set_num_threads(settings.threads or torch.get_num_threads())
+    peak = datasheet_peak(settings)
+    rows = []
+    for size in settings.sizes:
+        rows += dense_comparison(size, settings, peak, log)
+    if settings.moc:
+        rows += moc_comparison(settings.sizes[0], settings, peak, log)
+    if settings.memory:
+        add_memory(rows, settings, log)
+    scripts = {}
+    if settings.scripts:
+        for name in SCRIPTS:
+            log(f"bench/{SCRIPTS[name][0]} ...")
+            scripts[name] = run_script(name, settings)
+    settings_dict = {k: v for k, v in vars(settings).items()}
+    settings_dict["dtype"] = settings.dtype_name
+    return {"command": command, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "git": git_commit(), "machine": machine_info(settings), "settings": settings_dict,
+            "peak_flops": peak, "results": rows, "scripts": scripts,
+            # the targets are about the real sizes; a --quick run's tiny model says nothing about them
+            "targets": [] if settings.quick else check_targets(rows, settings)}
+
+
+def command_line(args) -> str:
+    """The command as typed, rebuilt from the parsed arguments (also right when called from Python)."""
+    words = ["lunaris", "bench"]
+    for name, value in vars(args).items():
+        if name in ("func", "accepts_overrides", "command") or value in (None, False):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            words.append(flag)
+        else:
+            words += [flag, *map(str, value if isinstance(value, list) else [value])]
+    if args.compile is False:
+        words[words.index("--compile")] = "--no-compile"
+    return " ".join(words)
+
+
+def main_bench(settings: BenchSettings, json_path=None, command: str = "lunaris bench") -> dict:
+    if json_path is not None:  # fail before minutes of measuring, not after
+        check_json_path(json_path)
+    report = run_bench(settings, command)
+    print(markdown_report(report))
+    if json_path is not None:
+        write_json(report, json_path)
+    return report
+
+
+if __name__ == "__main__":  # the memory worker: python -m lunaris.bench --memory-worker '{...}'
+    if len(sys.argv) == 3 and sys.argv[1] == "--memory-worker":
+        print(json.dumps(memory_worker(json.loads(sys.argv[2]))))
+    else:
+        sys.exit("usage: python -m lunaris.bench --memory-worker SPEC (internal); use `lunaris bench`")

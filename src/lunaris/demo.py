@@ -1,0 +1,179 @@
+"""`lunaris demo`: the whole workflow on this machine in a few minutes, with no download.
+
+1. corpus: the Python standard library's own source files (real code, present on every machine);
+2. `lunaris prepare`: a byte-level BPE tokenizer and token shards with a validation split;
+3. `lunaris train`: a small model (configs/demo-cpu.yaml; dense or MoC) for a few minutes;
+4. `lunaris eval`: validation loss against the unigram baseline of the same tokens;
+5. `lunaris generate`: a code sample from the prompt `def `;
+6. `lunaris plot`: the loss curve.
+Running it again resumes: the data is kept and training continues from the last checkpoint.
+"""
+
+import json
+import os
+import sysconfig
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lunaris.errors import LunarisError
+
+PRESET = Path(__file__).parent / "presets" / "demo-cpu.yaml"
+EXCLUDE = ("test/*", "tests/*", "*/test/*", "*/tests/*", "idlelib/*", "lib2to3/*", "site-packages/*",
+           "dist-packages/*", "turtledemo/*", "__pycache__/*")
+
+
+def stdlib_dir() -> Path:
+    path = Path(sysconfig.get_paths()["stdlib"])
+    if not path.is_dir():
+        raise LunarisError(f"the Python standard library was not found at {path}; the demo builds its corpus "
+                           f"from its source files. Run the demo with a regular CPython installation.")
+    return path
+
+
+def prepare_corpus(data_dir: Path, corpus_mb: float, vocab_size: int, seed: int, echo) -> dict:
+    """Tokenizer + shards from the standard library (kept between runs: a finished data_dir is reused)."""
+    from lunaris.data.prepare import PrepareOptions, prepare
+    from lunaris.data.shards import read_manifest
+    if (data_dir / "manifest.json").is_file():
+        echo(f"[1/5] corpus: reusing {data_dir}")
+        return read_manifest(data_dir)
+    source = stdlib_dir()
+    echo(f"[1/5] corpus: Python source files of {source} (about {corpus_mb:g} MB), tokenizer with {vocab_size} ids")
+    tokens = int(corpus_mb * 1e6 / 3.2)  # ~3.2 bytes per token for code at this vocabulary size
+    options = PrepareOptions(sources=[source], out=data_dir, vocab_size=vocab_size, include=("*.py",),
+                             exclude=EXCLUDE, val_tokens=max(tokens // 40, 20_000), max_tokens=tokens,
+                             shard_tokens=max(tokens // 4, 100_000), seed=seed,
+                             tokenizer_sample_bytes=int(min(corpus_mb, 8) * 1e6), progress=False)
+    return prepare(options, {"command": "lunaris demo"})
+
+
+def unigram_baseline(data_dir: Path, vocab_size: int) -> float:
+    """Cross-entropy (nats/token) on val/ of the best context-free model: train/ token frequencies (add-one)."""
+    from lunaris.data.shards import list_shards, open_shard
+    counts = np.ones(vocab_size, dtype=np.float64)
+    for shard in list_shards(data_dir / "train"):
+        counts += np.bincount(open_shard(shard), minlength=vocab_size)[:vocab_size]
+    log_probs = np.log(counts / counts.sum())
+    val = np.concatenate([np.asarray(open_shard(s)) for s in list_shards(data_dir / "val")])
+    return float(-log_probs[val].mean())
+
+
+def calibrate_steps(config, minutes: float) -> int:
+    """Optimizer steps that fit in `minutes`, from timing a few real training steps of this model here."""
+    from lunaris.model import LunarisCodex
+    from lunaris.train.trainer import resolve_dtype
+    device = torch.device("cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu")
+    model = LunarisCodex(config.model).to(device)
+    optimizer = model.configure_optimizers(0.1, config.learning_rate, device_type=device.type)
+    dtype = resolve_dtype(config.dtype, device)
+    x = torch.randint(0, config.model.vocab_size, (config.batch_size, config.model.max_seq_len), device=device)
+    timings = []
+    for _ in range(4):
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = model(x, x).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        timings.append(time.perf_counter() - start)
+    per_step = sorted(timings[1:])[1] * config.gradient_accumulation_steps  # median of the warm steps
+    budget = minutes * 60 * 0.85  # leave room for evaluation and checkpoints
+    return max(20, int(budget / per_step))
+
+
+def demo_config(data_dir: Path, run_dir: Path, arch: str, device: str, vocab_size: int):
+    from lunaris.config import load_config
+    overrides = {"data_dir": str(data_dir), "out_dir": str(run_dir), "device": device,
+                 "model.vocab_size": vocab_size}
+    if arch == "moc":  # top-2 of 4 experts, simple collaboration, 2 IRL steps: every MoC feature, still small
+        overrides.update({"model.n_experts": 4, "model.top_k": 2, "model.collab_mode": "simple",
+                          "model.n_reasoning_steps": 2, "model.ffn_hidden_size": 256})
+    return load_config(PRESET, overrides)
+
+
+def run_demo(out="runs/demo", minutes: float = None, max_steps: int = None, arch: str = "dense",
+             device: str = "auto", corpus_mb: float = 6.0, echo=print) -> dict:
+    """Run every stage; returns the summary (also written to OUT/demo.json)."""
+    if arch not in ("dense", "moc"):
+        raise LunarisError(f"--arch must be dense or moc, got {arch!r}.")
+    if minutes is not None and minutes <= 0 or max_steps is not None and max_steps <= 0 or corpus_mb <= 0:
+        raise LunarisError("--minutes, --max-steps and --corpus-mb must be positive.")
+    out = Path(out)
+    data_dir, run_dir, state_path = out / "data", out / arch, out / f"demo-{arch}.json"
+    started = time.time()
+    manifest = prepare_corpus(data_dir, corpus_mb, 4096, 0, echo)
+    vocab_size = manifest["model_vocab_size"]
+    config = demo_config(data_dir, run_dir, arch, device, vocab_size)
+
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    if max_steps is None:
+        max_steps = state.get("max_steps") or calibrate_steps(config, minutes or 4.0)
+    config.max_steps = max_steps
+    config.warmup_steps = min(config.warmup_steps, max(1, max_steps // 10))
+    config.eval_interval = max(1, max_steps // 5)
+    config.save_interval = max(1, max_steps // 5)
+    config.log_interval = max(1, min(config.log_interval, max_steps // 20 or 1))
+    config.validate()
+    write_json(state_path, {**state, "max_steps": max_steps, "arch": arch})
+    train_tokens = config.max_steps * config.batch_size * config.gradient_accumulation_steps * config.model.max_seq_len
+    echo(f"[2/5] train: {arch} model, {max_steps} steps of {config.batch_size} x {config.model.max_seq_len} tokens "
+         f"({train_tokens:,} tokens) into {run_dir}")
+    from lunaris.train.trainer import train
+    result = train(config)
+
+    echo("[3/5] evaluate on the validation split")
+    from lunaris.evaluate import run_eval
+    metrics = run_eval(run_dir, data=data_dir, device=device)
+    baseline = unigram_baseline(data_dir, vocab_size)
+    echo(f"      validation loss {metrics['loss']:.3f} nats/token (perplexity {metrics['perplexity']:.1f}, "
+         f"{metrics['bits_per_byte']:.3f} bits/byte); unigram baseline {baseline:.3f} nats/token")
+    if metrics["loss"] < baseline:
+        echo(f"      the model beats the best context-free predictor by {baseline - metrics['loss']:.3f} nats/token")
+    else:
+        echo(f"      not below the unigram baseline yet: train longer (lunaris demo --out {out} --max-steps "
+             f"{2 * result.step})")
+
+    echo("[4/5] sample from the prompt 'def ':")
+    from lunaris.generate import run_generate
+    sample = run_generate(run_dir, "def ", max_new_tokens=120, temperature=0.8, top_k=50, seed=0, device=device)
+    echo("")
+
+    from lunaris.plot import plot_run
+    try:
+        plot = str(plot_run(run_dir))
+        echo(f"[5/5] loss curve: {plot}")
+    except LunarisError as exc:  # matplotlib missing: the rest of the demo stands
+        plot = None
+        echo(f"[5/5] no plot: {exc}")
+
+    summary = {"arch": arch, "steps": result.step, "val_loss": metrics["loss"], "unigram_baseline": baseline,
+               "bits_per_byte": metrics["bits_per_byte"], "beats_unigram": metrics["loss"] < baseline,
+               "sample": sample, "plot": plot, "run_dir": str(run_dir), "data_dir": str(data_dir),
+               "seconds": round(time.time() - started, 1)}
+    write_json(state_path, {**summary, "max_steps": max_steps})
+    echo(next_steps(run_dir, data_dir, out))
+    return summary
+
+
+def next_steps(run_dir: Path, data_dir: Path, out: Path) -> str:
+    return "\n".join([
+        "",
+        "Go further:",
+        f"  lunaris generate --checkpoint {run_dir} --prompt 'import ' --max-new-tokens 200",
+        f"  lunaris eval --checkpoint {run_dir} --data {data_dir}",
+        f"  lunaris export --checkpoint {run_dir} --out {out / 'hf'}",
+        f"  lunaris demo --out {out} --max-steps N   (continue training this run to step N)",
+    ])
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(temp, path)
+

@@ -1,0 +1,129 @@
+"""`lunaris eval`: loss, perplexity and bits-per-byte of a checkpoint on held-out token shards.
+
+The held-out stream is read in order (`sequential_batches`), as windows of the model's max_seq_len,
+so two evaluations of the same data see the same tokens. The loss is the mean cross-entropy over every
+evaluated target token (the padded end of the stream excluded), in nats. Bits-per-byte uses the
+bytes-per-token ratio of the split from its manifest (`lunaris prepare` counts both), which makes models
+with different tokenizers comparable; a flat directory of shards has no manifest, so no bits-per-byte.
+MoC layers run dropless (eval mode), and the reported loss is the cross-entropy alone, without aux losses.
+"""
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lunaris.errors import DataError, LunarisError
+
+
+@torch.no_grad()
+def evaluate(model, dataset, batch_size: int, max_batches: int = None, bytes_per_token: float = None) -> dict:
+    """Token-weighted mean loss over the first `max_batches` batches (all if None) of a ShardDataset."""
+    from lunaris.data import sequential_batches
+    was_training = model.training
+    model.eval()
+    device = model.wte.weight.device
+    total_nats = torch.zeros((), dtype=torch.float64, device=device)
+    total_tokens = torch.zeros((), dtype=torch.int64, device=device)
+    batches = 0
+    try:
+        for x, y in sequential_batches(dataset, batch_size, max_batches=max_batches):
+            x, y = x.to(device), y.to(device)                      # (B, L) each
+            logits = model(x).logits                               # (B, L, vocab)
+            total_nats += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1,
+                                          reduction="sum").double()
+            total_tokens += (y != -1).sum()
+            batches += 1
+    finally:
+        model.train(was_training)
+    tokens = int(total_tokens)
+    if tokens == 0:
+        raise DataError("the evaluation data has no target tokens; point --data at shards with at least 2 tokens.")
+    loss = float(total_nats) / tokens
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),  # exp overflows a float above ~709
+        "bits_per_byte": loss / math.log(2) / bytes_per_token if bytes_per_token else None,
+        "tokens": tokens,
+        "batches": batches,
+    }
+
+
+def held_out_dir(data, run_config: dict) -> Path:
+    """The shard directory to evaluate: --data, else the run's held-out split.
+
+    --data may be a prepared directory (its val/ split), one of its splits, or a flat directory of shards.
+    """
+    from lunaris.data import resolve_data_dirs
+    if data is not None:
+        _, val_dir = resolve_data_dirs(data)
+        if val_dir is None:
+            path = Path(data)
+            if (path / "train").is_dir() and (path / "manifest.json").is_file():
+                raise LunarisError(f"{path} has no val/ split (it was prepared with --val-tokens 0); pass "
+                                   f"--data {path / 'train'} to evaluate on training data instead.")
+            return path  # a flat directory of shards, or a split directory: evaluate it as given
+        return Path(val_dir)
+    data_dir, val_data_dir = run_config.get("data_dir"), run_config.get("val_data_dir")
+    try:
+        _, val_dir = resolve_data_dirs(data_dir, val_data_dir)
+    except DataError as exc:
+        raise LunarisError(f"the run's data ({exc}) cannot be found from here; pass --data DIR, the held-out "
+                           f"shards to evaluate on.") from None
+    if val_dir is None:
+        raise LunarisError(f"the run has no held-out data (data_dir {data_dir} has no val/ split and "
+                           f"val_data_dir is not set); pass --data DIR, the held-out shards to evaluate on.")
+    return Path(val_dir)
+
+
+def bytes_per_token(data_dir) -> float:
+    """Average UTF-8 bytes per token of a prepared split (None for a flat directory without manifest)."""
+    from lunaris.data import split_info
+    info = split_info(data_dir)
+    if not info or not info.get("bytes") or not info.get("tokens"):
+        return None
+    return info["bytes"] / info["tokens"]
+
+
+def checkpoint_metadata(path) -> dict:
+    """The run config and step saved in a checkpoint, read without loading its tensors (memory-mapped)."""
+    from lunaris.train.checkpoint import TRAINER_STATE, resolve_checkpoint_path
+    path = resolve_checkpoint_path(path)
+    state = torch.load(path / TRAINER_STATE if path.is_dir() else path, map_location="cpu", weights_only=True,
+                       mmap=True)
+    return {"path": str(path), "config": state.get("config", {}), "step": state.get("step")}
+
+
+def run_eval(checkpoint, data=None, max_batches: int = None, batch_size: int = None, device: str = "auto",
+             dtype: str = "auto", threads: int = None, json_path=None) -> dict:
+    """Evaluate a checkpoint; returns (and optionally writes to `json_path`) one JSON-ready dict."""
+    from lunaris.data import ShardDataset, check_vocab
+    from lunaris.generate import load_model
+    if max_batches is not None and max_batches < 1:
+        raise LunarisError(f"--max-batches must be a positive integer, got {max_batches}.")
+    if batch_size is not None and batch_size < 1:
+        raise LunarisError(f"--batch-size must be a positive integer, got {batch_size}.")
+    model = load_model(checkpoint, device, dtype, threads)
+    meta = checkpoint_metadata(checkpoint)
+    data_dir = held_out_dir(data, meta["config"])
+    check_vocab(data_dir, model.config.vocab_size)  # ids the embedding cannot index: a clear error, not a crash
+    dataset = ShardDataset(data_dir, model.config.max_seq_len, verify="full")
+    batch_size = batch_size or int(meta["config"].get("batch_size") or 8)
+    start = time.perf_counter()
+    result = evaluate(model, dataset, batch_size, max_batches, bytes_per_token(data_dir))
+    result.update({"checkpoint": meta["path"], "step": meta["step"], "data": str(data_dir),
+                   "seq_len": model.config.max_seq_len, "batch_size": batch_size,
+                   "seconds": round(time.perf_counter() - start, 3)})
+    if json_path is not None:
+        write_json_atomic(Path(json_path), result)
+    return result
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(temp, path)

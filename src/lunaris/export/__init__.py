@@ -1,0 +1,145 @@
+"""`lunaris export`: a checkpoint -> a Hugging Face model directory.
+
+Two formats (DESIGN.md):
+- `llama`: a dense model with one IRL step is exactly `LlamaForCausalLM` (see llama.py), so every tool
+  that reads Llama reads it, no Lunaris code needed;
+- `lunaris`: any model (MoC, IRL > 1) with its own modeling code in the directory and `auto_map`, loaded with
+  `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` (see remote_code.py).
+
+The directory is written under a temporary name beside `out` and renamed when complete, so an interrupted
+export never leaves a half-written model; `transformers` is not needed to export.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from lunaris.errors import LunarisError
+from lunaris.export.llama import llama_compatible, llama_config, llama_state_dict
+from lunaris.export.remote_code import configuration_source, modeling_source
+
+FORMATS = ("auto", "llama", "lunaris")
+DTYPE_NAMES = {"fp32": (torch.float32, "float32"), "bf16": (torch.bfloat16, "bfloat16"),
+               "fp16": (torch.float16, "float16")}
+# every file an export can write: replacing an export removes those the new one does not write
+EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                "tokenizer_config.json", "special_tokens_map.json", "configuration_lunaris.py", "modeling_lunaris.py")
+
+
+def export_checkpoint(checkpoint, out_dir, tokenizer=None, fmt: str = "auto", dtype: str = "fp32",
+                      force: bool = False) -> dict:
+    """Export a checkpoint (file or run directory) to `out_dir`; returns a summary (format, files, parameters)."""
+    from lunaris.generate import end_of_text_id, find_tokenizer, load_tokenizer
+    from lunaris.model import LunarisCodex
+
+    if fmt not in FORMATS:
+        raise LunarisError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}.")
+    if dtype not in DTYPE_NAMES:
+        raise LunarisError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}.")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not force)):
+        raise LunarisError(f"{out_dir} already exists and is not empty; choose another --out, or pass --force to "
+                           f"replace the exported files in it.")
+    model = LunarisCodex.from_checkpoint(checkpoint)
+    config = model.config
+    if fmt == "auto":
+        fmt = "llama" if llama_compatible(config) else "lunaris"
+    if fmt == "llama" and not llama_compatible(config):
+        raise LunarisError("--format llama needs a dense model with n_reasoning_steps 1 (Llama has no MoC layers "
+                           "or IRL steps); use --format lunaris (the default for this model).")
+    tokenizer_path = find_tokenizer(checkpoint, tokenizer)
+    eos = end_of_text_id(load_tokenizer(tokenizer_path, config.vocab_size))
+    torch_dtype, dtype_name = DTYPE_NAMES[dtype]
+
+    if fmt == "llama":
+        tensors = llama_state_dict(model)
+        hf_config = llama_config(config, eos, eos, dtype_name)
+    else:
+        tensors = {f"model.{key}": value for key, value in model.state_dict().items()}
+        if config.tie_embeddings:  # one tensor in the file; the model ties lm_head to wte itself
+            del tensors["model.lm_head.weight"]
+        hf_config = lunaris_config(config, eos, dtype_name)
+
+    temp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(temp, ignore_errors=True)
+    temp.mkdir(parents=True)
+    try:
+        save_safetensors(tensors, temp / "model.safetensors", torch_dtype)
+        write_json(temp / "config.json", hf_config)
+        write_json(temp / "generation_config.json", generation_config(eos))
+        write_tokenizer_files(temp, tokenizer_path, eos, config.max_seq_len)
+        if fmt == "lunaris":
+            (temp / "configuration_lunaris.py").write_text(configuration_source(), encoding="utf-8")
+            (temp / "modeling_lunaris.py").write_text(modeling_source(), encoding="utf-8")
+        files = sorted(p.name for p in temp.iterdir())
+        move_into_place(temp, out_dir)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    return {"format": fmt, "out_dir": str(out_dir), "files": files, "parameters": model.num_params(),
+            "dtype": dtype_name, "tokenizer": str(tokenizer_path)}
+
+
+def lunaris_config(config, eos, dtype_name: str) -> dict:
+    """config.json of the remote-code format: the whole Lunaris config under `lunaris`, plus auto_map."""
+    return {
+        "architectures": ["LunarisForCausalLM"],
+        "model_type": "lunaris",
+        "auto_map": {"AutoConfig": "configuration_lunaris.LunarisConfig",
+                     "AutoModelForCausalLM": "modeling_lunaris.LunarisForCausalLM"},
+        "lunaris": dataclasses.asdict(config),
+        "bos_token_id": eos,
+        "eos_token_id": eos,
+        "tie_word_embeddings": config.tie_embeddings,
+        "use_cache": True,
+        "torch_dtype": dtype_name,
+        "dtype": dtype_name,
+    }
+
+
+def generation_config(eos) -> dict:
+    # pad = eos: pre-training has no padding token, and generate() warns when pad is unset
+    return {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos}
+
+
+def save_safetensors(tensors: dict, path: Path, dtype: torch.dtype) -> None:
+    from safetensors.torch import save_file
+    ready = {name: (t.detach().to(dtype) if t.is_floating_point() else t.detach()).contiguous().clone()
+             for name, t in tensors.items()}
+    save_file(ready, str(path), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)  # safetensors creates the file private (0600); make it like every other file
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def write_tokenizer_files(directory: Path, tokenizer_path: Path, eos, max_seq_len: int) -> None:
+    """tokenizer.json (as trained), tokenizer_config.json and special_tokens_map.json for AutoTokenizer."""
+    from lunaris.generate import END_OF_TEXT
+    shutil.copyfile(tokenizer_path, directory / "tokenizer.json")
+    special = {"bos_token": END_OF_TEXT, "eos_token": END_OF_TEXT, "unk_token": END_OF_TEXT} if eos is not None else {}
+    write_json(directory / "special_tokens_map.json", special)
+    write_json(directory / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": max_seq_len,
+        "clean_up_tokenization_spaces": False,  # decode exactly as the `tokenizers` library does
+        **special,
+    })
+
+
+def move_into_place(temp: Path, out_dir: Path) -> None:
+    """Rename the finished directory to `out_dir`; into an existing one (--force), file by file."""
+    if not out_dir.exists():
+        os.replace(temp, out_dir)
+        return
+    for name in EXPORT_FILES:  # an earlier export in the other format leaves files the new one does not have
+        if not (temp / name).exists():
+            (out_dir / name).unlink(missing_ok=True)
+    for path in temp.iterdir():
+        os.replace(path, out_dir / path.name)

@@ -1,0 +1,87 @@
+"""Dense models as Hugging Face `LlamaForCausalLM`: the weight mapping and config.json.
+
+A dense Lunaris model with one IRL step is a Llama model up to three re-arrangements:
+- the fused QKV projection holds rows [q; k; v] and the fused gate/up projection rows [gate; up]: split them;
+- rotary embeddings use the rotate-half layout, which is Hugging Face Llama's, so q/k need no permutation;
+- the block norms have a bias: norm(x) = w * n(x) + b, so W @ norm(x) = W @ (w * n(x)) + W @ b. The bias
+  folds into the projections that read the norm (q, k, v, gate, up get bias W @ b; Llama's
+  `attention_bias`/`mlp_bias` also give o_proj and down_proj a bias, exported as zeros).
+An IRL scale alpha != 1 (possible with one step when irl_alpha is set) folds into down_proj.
+"""
+
+import torch
+
+from lunaris.config import LunarisCodexConfig
+
+
+def llama_compatible(config: LunarisCodexConfig) -> bool:
+    return not config.is_moc and config.n_reasoning_steps == 1
+
+
+def llama_config(config: LunarisCodexConfig, bos_token_id, eos_token_id, dtype_name: str) -> dict:
+    """config.json of the equivalent LlamaForCausalLM (readable by transformers 4.x and 5.x)."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.d_model,
+        "intermediate_size": config.ffn_hidden,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_seq_len,
+        "initializer_range": 0.02,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,  # transformers 4.x reads this; 5.x reads rope_parameters
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "attention_bias": config.norm_bias,
+        "attention_dropout": 0.0,
+        "mlp_bias": config.norm_bias,
+        "tie_word_embeddings": config.tie_embeddings,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "use_cache": True,
+        "torch_dtype": dtype_name,  # transformers 4.x name
+        "dtype": dtype_name,        # transformers 5.x name
+    }
+
+
+def llama_state_dict(model) -> dict:
+    """Our state dict -> LlamaForCausalLM's names and layout (fp32 arithmetic for the bias folding)."""
+    c = model.config
+    q_rows, kv_rows = c.n_heads * c.head_dim, c.kv_heads * c.head_dim
+    out = {"model.embed_tokens.weight": model.wte.weight, "model.norm.weight": model.norm.weight}
+    if not c.tie_embeddings:
+        out["lm_head.weight"] = model.lm_head.weight
+    for i, block in enumerate(model.blocks):
+        prefix = f"model.layers.{i}."
+        qkv = block.attn.qkv.weight                                   # (q_rows + 2 kv_rows, D)
+        gate_up = block.ffn.ffn.gate_up.weight                        # (2H, D)
+        down = block.ffn.ffn.down.weight * block.ffn.alpha            # (D, H)
+        weights = {
+            "self_attn.q_proj": qkv[:q_rows], "self_attn.k_proj": qkv[q_rows:q_rows + kv_rows],
+            "self_attn.v_proj": qkv[q_rows + kv_rows:], "self_attn.o_proj": block.attn.proj.weight,
+            "mlp.gate_proj": gate_up[:c.ffn_hidden], "mlp.up_proj": gate_up[c.ffn_hidden:], "mlp.down_proj": down,
+        }
+        for name, weight in weights.items():
+            out[f"{prefix}{name}.weight"] = weight
+        out[f"{prefix}input_layernorm.weight"] = block.attn_norm.weight
+        out[f"{prefix}post_attention_layernorm.weight"] = block.ffn_norm.weight
+        if c.norm_bias:
+            out.update(_folded_biases(prefix, weights, block.attn_norm.bias, block.ffn_norm.bias))
+    return out
+
+
+def _folded_biases(prefix: str, weights: dict, attn_norm_bias, ffn_norm_bias) -> dict:
+    """Bias W @ b for every projection that reads a biased norm; zeros for o_proj and down_proj."""
+    biases = {}
+    for name, weight in weights.items():
+        if name in ("self_attn.o_proj", "mlp.down_proj"):
+            bias = torch.zeros(weight.shape[0], dtype=weight.dtype)
+        else:
+            norm_bias = attn_norm_bias if name.startswith("self_attn") else ffn_norm_bias
+            bias = (weight.double() @ norm_bias.double()).to(weight.dtype)
+        biases[f"{prefix}{name}.bias"] = bias
+    return biases

@@ -1,0 +1,375 @@
+"""MoC: a mixture of collaborating experts, with iterative reasoning (IRL) inside every expert.
+
+One MoC layer replaces the FFN of a block (model.make_ffn). Read top to bottom:
+
+1. Router: bias-free gate in fp32 with autocast off; top-k on the logits; softmax over the K selected.
+2. Capacity: C = ceil(capacity_factor·N·K/E) slots per expert, first choices before second choices in
+   token order; `None` is dropless. Evaluation is dropless unless eval_capacity_factor is set.
+3. Dispatch: a stable sort of the N·K (token, choice) slots by expert gives contiguous per-expert
+   segments (`plan_dispatch`); the experts are stacked weights [E, D, 2H] and [E, H, D] run as one
+   grouped matmul (`torch._grouped_mm`) or one batched matmul over a padded [E, C, D] buffer.
+   Every shape is static and nothing reads a tensor value on the host, so the layer compiles.
+4. IRL inside every expert (layers.irl_iterate): S = 1 is exactly a SwiGLU.
+5. Collaboration among a token's K expert outputs: `mha`, `simple` or `none` (plain weighted sum).
+6. Auxiliary losses (fp32): load balance E·Σ f_i·P_i and router z-loss mean(logsumexp(logits)²).
+
+Shapes: B batch, T time, N = B·T tokens, D d_model, H expert hidden size, E experts, K top_k,
+C capacity (slots per expert), R rows of the expert input buffer.
+"""
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lunaris.model.layers import RMSNorm, SwiGLU, irl_iterate
+
+# ---------------------------------------------------------------------------------------------
+# Grouped matmul availability
+# ---------------------------------------------------------------------------------------------
+
+_GROUPED_MM_SUPPORT: dict = {}
+
+
+def _probe_grouped_mm(device: str, dtype: torch.dtype) -> bool:
+    """Run torch._grouped_mm forward and backward once on `device` and compare with plain matmuls.
+
+    Some builds have the op but not for every device/dtype (older CUDA builds: bf16 on sm90 only),
+    so availability is tested, not assumed.
+    """
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    # The first call can happen inside a checkpointed forward: the identity saved-tensor hooks keep
+    # the probe's tensors out of the checkpoint's bookkeeping (else its recomputation count differs).
+    no_checkpoint = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+    try:
+        with torch.enable_grad(), no_checkpoint, torch.autocast(device_type=torch.device(device).type, enabled=False):
+            gen = torch.Generator().manual_seed(0)
+            a = torch.randn(24, 16, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+            b = torch.randn(3, 16, 8, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+            ends = torch.tensor([5, 5, 24], dtype=torch.int32, device=device)
+            out = torch._grouped_mm(a, b, offs=ends)
+            ref = torch.cat([a[:5] @ b[0], a[5:] @ b[2]])
+            grad_a, grad_b = torch.autograd.grad(out.float().square().sum(), (a, b))
+            ref_a, ref_b = torch.autograd.grad(ref.float().square().sum(), (a, b))
+        tol = 1e-1 if dtype in (torch.bfloat16, torch.float16) else 1e-4
+        return all(torch.allclose(x.float(), y.float(), rtol=tol, atol=tol)
+                   for x, y in ((out, ref), (grad_a, ref_a), (grad_b, ref_b)))
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+@torch.compiler.assume_constant_result
+def grouped_mm_supported(device: str, dtype: torch.dtype) -> bool:
+    """Whether torch._grouped_mm works (forward and backward) for `dtype` on `device`; probed once.
+
+    `assume_constant_result` makes torch.compile run the probe at trace time and keep the answer
+    as a constant, so the choice costs nothing in the compiled graph.
+    """
+    key = (device, dtype)
+    if key not in _GROUPED_MM_SUPPORT:
+        _GROUPED_MM_SUPPORT[key] = _probe_grouped_mm(device, dtype)
+    return _GROUPED_MM_SUPPORT[key]
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls run in: the autocast dtype when autocast is on for x's device, else x's."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch plan: which token fills which row of the expert input buffer
+# ---------------------------------------------------------------------------------------------
+
+class DispatchPlan(NamedTuple):
+    token_of_row: torch.Tensor   # (R,) token feeding each buffer row; N (a zero row) for empty rows
+    row_of_slot: torch.Tensor    # (N, K) buffer row holding each (token, choice) slot's output
+    keep: torch.Tensor           # (N, K) bool: the slot was processed (not dropped by capacity)
+    counts: torch.Tensor         # (E,) slots routed to each expert, before capacity
+    group_ends: Optional[torch.Tensor]  # (E,) int32 end row of each expert (grouped layout only)
+    capacity: int                # C: rows per expert in the padded layout, the slot limit in both
+
+
+def plan_dispatch(top_experts: torch.Tensor, n_experts: int, capacity: Optional[int], grouped: bool) -> DispatchPlan:
+    """Sort-based dispatch of the N·K slots (static shapes, no host sync).
+
+    Slots are ordered choice-major (every token's first choice, then every second choice, in token
+    order); a stable sort by expert keeps that order inside each expert's segment, so a slot's rank
+    in its segment is its priority and `rank < capacity` decides whether it is kept.
+
+    Padded layout (grouped=False): R = E·C rows, expert e owns rows [e·C, e·C + C); empty rows read
+    the zero row. Grouped layout: R = N·K rows, the kept slots packed expert by expert, then the
+    dropped slots, which read the zero row and are run by the last expert (a SwiGLU maps 0 to exactly
+    0, so they cost a few wasted FLOPs but never change a result or a gradient).
+    """
+    N, K = top_experts.shape
+    E, S = n_experts, N * K
+    device = top_experts.device
+    cap = min(capacity, N) if capacity is not None else N   # an expert never gets more than N slots
+    expert_of_slot = top_experts.t().reshape(S)                               # (S,) choice-major
+    sorted_expert, order = torch.sort(expert_of_slot, stable=True)           # (S,) each
+    counts = torch.zeros(E, dtype=torch.long, device=device).scatter_add_(
+        0, expert_of_slot, torch.ones_like(expert_of_slot))                  # (E,)
+    segment_start = counts.cumsum(0) - counts                                  # (E,)
+    rank = torch.arange(S, device=device) - segment_start[sorted_expert]      # (S,) priority within expert
+    kept_sorted = rank < cap                                                   # (S,)
+    token_sorted = order % N                                                   # (S,) slot s is token s mod N
+    if grouped:
+        kept_counts = counts.clamp(max=cap)                                    # (E,)
+        kept_ends = kept_counts.cumsum(0)                                      # (E,)
+        dropped_rank = (~kept_sorted).long().cumsum(0) - 1                     # (S,)
+        row_sorted = torch.where(kept_sorted, kept_ends[sorted_expert] - kept_counts[sorted_expert] + rank,
+                                 kept_ends[-1] + dropped_rank)                 # (S,) a permutation of [0, S)
+        token_of_row = torch.empty_like(row_sorted).scatter_(
+            0, row_sorted, torch.where(kept_sorted, token_sorted, N))          # (R = S,)
+        # The last group ends at S so that the dropped rows at the end are computed (as zeros).
+        group_ends = torch.cat([kept_ends[:-1], kept_ends.new_full((1,), S)]).to(torch.int32)
+    else:
+        dump = E * cap                                                         # dropped slots land here
+        row_sorted = torch.where(kept_sorted, sorted_expert * cap + rank, dump)
+        token_of_row = torch.full((dump + 1,), N, dtype=torch.long, device=device).scatter_(
+            0, row_sorted, token_sorted)[:dump]                                # (R = E·C,)
+        row_sorted = row_sorted.clamp(max=dump - 1)   # a dropped slot reads any row; its weight is 0
+        group_ends = None
+    row_of_slot = torch.empty_like(row_sorted).scatter_(0, order, row_sorted)  # (S,) choice-major
+    keep = torch.empty_like(kept_sorted).scatter_(0, order, kept_sorted)       # (S,)
+    return DispatchPlan(token_of_row, row_of_slot.view(K, N).t(), keep.view(K, N).t(), counts,
+                        group_ends, cap)
+
+
+# ---------------------------------------------------------------------------------------------
+# Experts: stacked SwiGLU weights, run with IRL
+# ---------------------------------------------------------------------------------------------
+
+class StackedExperts(nn.Module):
+    """E SwiGLU experts as two stacked weights; each expert runs IRL over its own rows.
+
+    An expert that receives no tokens still takes part in the matmul, so its weights get a (zero)
+    gradient: DDP with find_unused_parameters=False never waits for it.
+    """
+
+    def __init__(self, n_experts: int, d_model: int, hidden: int, steps: int, alpha: float):
+        super().__init__()
+        self.n_experts, self.d_model, self.hidden = n_experts, d_model, hidden
+        self.steps, self.alpha = steps, alpha
+        self.gate_up = nn.Parameter(torch.empty(n_experts, d_model, 2 * hidden))  # [E, D, 2H]: gate | up
+        self.down = nn.Parameter(torch.empty(n_experts, hidden, d_model))         # [E, H, D]
+
+    def init_weights(self, std: float, residual_std: float):
+        nn.init.normal_(self.gate_up, 0.0, std)
+        nn.init.normal_(self.down, 0.0, residual_std)
+
+    def batched_swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        """x (E, C, D) -> (E, C, D): one batched matmul per projection."""
+        gate, up = torch.bmm(x, self.gate_up.to(x.dtype)).chunk(2, dim=-1)     # 2 x (E, C, H)
+        return torch.bmm(F.silu(gate) * up, self.down.to(x.dtype))
+
+    def grouped_swiglu(self, x: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
+        """x (R, D) sorted by expert, expert e owning rows [group_ends[e-1], group_ends[e]) -> (R, D)."""
+        gate, up = torch._grouped_mm(x, self.gate_up.to(x.dtype), offs=group_ends).chunk(2, dim=-1)  # (R, H) x 2
+        return torch._grouped_mm(F.silu(gate) * up, self.down.to(x.dtype), offs=group_ends)
+
+    def forward(self, x_rows: torch.Tensor, plan: DispatchPlan, stats: dict = None) -> torch.Tensor:
+        """x_rows (R, D) in the plan's layout -> expert outputs (R, D) after S IRL steps."""
+        if plan.group_ends is not None:
+            return irl_iterate(lambda z: self.grouped_swiglu(z, plan.group_ends), x_rows,
+                               self.steps, self.alpha, stats)
+        buffer = x_rows.view(self.n_experts, plan.capacity, self.d_model)      # (E, C, D)
+        return irl_iterate(self.batched_swiglu, buffer, self.steps, self.alpha, stats).view_as(x_rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Collaboration among a token's K expert outputs
+# ---------------------------------------------------------------------------------------------
+
+def attendable_slots(keep: torch.Tensor) -> torch.Tensor:
+    """(N, K) bool keys each slot may attend to: the kept slots.
+
+    A token with no kept slot may attend all of its (zero) slots instead: a fully masked softmax
+    row would be NaN, and that token's output is multiplied by zero weights anyway.
+    """
+    return keep | ~keep.any(dim=-1, keepdim=True)
+
+
+class MHACollaboration(nn.Module):
+    """Multi-head attention over the K outputs (key-padding mask), residual, RMSNorm, FFN with residual."""
+
+    def __init__(self, config):
+        super().__init__()
+        D = config.d_model
+        self.n_heads = config.collab_heads or config.n_heads
+        self.qkv = nn.Linear(D, 3 * D, bias=False)
+        self.out = nn.Linear(D, D, bias=False)
+        self.out.residual_out = True
+        self.norm = RMSNorm(D, config.norm_eps)
+        self.ffn = SwiGLU(D, D)   # its `down` is marked residual_out
+        self.dropout = config.dropout
+
+    def forward(self, e: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """e (N, K, D) expert outputs, keep (N, K) -> refined (N, K, D)."""
+        N, K, D = e.shape
+        q, k, v = self.qkv(e).view(N, K, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # (N, h, K, hd) x 3
+        mask = attendable_slots(keep)[:, None, None, :]                        # (N, 1, 1, K) keys
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (N, h, K, hd)
+        e = e + self.out(a.transpose(1, 2).reshape(N, K, D))
+        return e + self.ffn(self.norm(e))
+
+
+class SimpleCollaboration(nn.Module):
+    """M = W_m E, Q = W_q E, Kk = W_k E; A = masked softmax(Q Kkᵀ/√D); C = A M; E' = E + MLP([E, C])."""
+
+    def __init__(self, config):
+        super().__init__()
+        D = config.d_model
+        self.qkm = nn.Linear(D, 3 * D, bias=False)          # W_q | W_k | W_m fused
+        self.mlp_in = nn.Linear(2 * D, D, bias=False)
+        self.mlp_out = nn.Linear(D, D, bias=False)
+        self.mlp_out.residual_out = True
+        self.dropout = nn.Dropout(config.simple_collab_dropout)
+
+    def forward(self, e: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """e (N, K, D) expert outputs, keep (N, K) -> refined (N, K, D)."""
+        q, k, m = self.qkm(e).unsqueeze(1).chunk(3, dim=-1)                    # (N, 1, K, D) x 3
+        mask = attendable_slots(keep)[:, None, None, :]                        # (N, 1, 1, K) keys
+        c = F.scaled_dot_product_attention(q, k, m, attn_mask=mask).squeeze(1)  # (N, K, D), scale 1/sqrt(D)
+        return e + self.mlp_out(self.dropout(F.gelu(self.mlp_in(torch.cat([e, c], dim=-1)))))
+
+
+COLLABORATIONS = {"mha": MHACollaboration, "simple": SimpleCollaboration}
+
+
+# ---------------------------------------------------------------------------------------------
+# The MoC layer
+# ---------------------------------------------------------------------------------------------
+
+class MoCLayer(nn.Module):
+    """Router -> capacity -> dispatch -> IRL experts -> collaboration -> weighted fuse.
+
+    forward(x (B, T, D)) -> (y (B, T, D), aux_loss (fp32 scalar), stats of detached tensors).
+    """
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_experts, self.top_k, self.d_model = config.n_experts, config.top_k, config.d_model
+        self.capacity_factor = config.capacity_factor
+        self.eval_capacity_factor = config.eval_capacity_factor
+        self.aux_loss_weight, self.z_loss_weight = config.aux_loss_weight, config.router_z_loss_weight
+        self.router_jitter = config.router_jitter
+        self.router = nn.Linear(config.d_model, config.n_experts, bias=False)
+        self.experts = StackedExperts(config.n_experts, config.d_model, config.ffn_hidden,
+                                      config.n_reasoning_steps, config.irl_step_scale)
+        self.collab_mode = config.resolved_collab_mode
+        self.collab = COLLABORATIONS[self.collab_mode](config) if self.collab_mode != "none" else None
+        # "auto": grouped matmul where it works, else the padded batched matmul. Tests and the
+        # benchmark set "grouped" or "padded" to compare the two.
+        self.dispatch_backend = "auto"
+        std = 0.02
+        self.init_weights(std, std / math.sqrt(2 * config.n_layers))
+
+    def init_weights(self, std: float, residual_std: float):
+        """Normal(0, std) for the router, experts' gate/up and collaboration inputs; residual_std for
+        the experts' down and the collaboration output projections (called by model.reset_parameters)."""
+        nn.init.normal_(self.router.weight, 0.0, std)
+        self.experts.init_weights(std, residual_std)
+        if self.collab is not None:
+            for module in self.collab.modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.normal_(module.weight, 0.0, residual_std if getattr(module, "residual_out", False) else std)
+                elif isinstance(module, RMSNorm):
+                    nn.init.ones_(module.weight)
+
+    # ---- routing ----
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, D) -> logits (N, E) in fp32, autocast off (a bf16 router flips top-k choices)."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.float()
+            if self.training and self.router_jitter > 0:  # multiplicative jitter, training only
+                x = x * torch.empty_like(x).uniform_(1.0 - self.router_jitter, 1.0 + self.router_jitter)
+            return F.linear(x, self.router.weight.float())
+
+    def capacity(self, n_tokens: int) -> Optional[int]:
+        """C = ceil(cf·N·K/E) with the training or evaluation capacity factor; None is dropless."""
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        if factor is None:
+            return None
+        return math.ceil(factor * n_tokens * self.top_k / self.n_experts)
+
+    def use_grouped(self, x: torch.Tensor) -> bool:
+        if self.dispatch_backend != "auto":
+            return self.dispatch_backend == "grouped"
+        dtype = compute_dtype(x)
+        aligned = (self.d_model * dtype.itemsize) % 16 == 0 and (self.experts.hidden * dtype.itemsize) % 16 == 0
+        # Under torch.compile the op's fake-tensor kernel accepts bf16 only.
+        return (aligned and grouped_mm_supported(str(x.device), dtype)
+                and (dtype == torch.bfloat16 or not torch.compiler.is_compiling()))
+
+    # ---- forward ----
+    def forward(self, x: torch.Tensor):
+        B, T, D = x.shape
+        N, K = B * T, self.top_k
+        x_flat = x.reshape(N, D)
+        logits = self.router_logits(x_flat)                                    # (N, E) fp32
+        top_logits, top_experts = logits.topk(K, dim=-1)                       # (N, K) each
+        weights = top_logits.softmax(dim=-1)                                   # (N, K) fp32
+        capacity = self.capacity(N)
+        grouped = self.use_grouped(x)
+        plan = plan_dispatch(top_experts, self.n_experts, capacity, grouped)
+        stats: dict = {}
+
+        # Dispatch: gather each buffer row's token (row N of x_pad is the zero row), run the experts.
+        dtype = compute_dtype(x)
+        x_pad = torch.cat([x_flat.to(dtype), x_flat.new_zeros(1, D, dtype=dtype)])  # (N+1, D)
+        y_rows = self.experts(x_pad[plan.token_of_row], plan, stats)            # (R, D)
+        slots = y_rows[plan.row_of_slot.reshape(-1)].view(N, K, D)             # (N, K, D) token-major
+
+        if capacity is not None:  # renormalize over kept slots; a token with none kept gets weight 0
+            weights = weights * plan.keep
+            total = weights.sum(dim=-1, keepdim=True)                          # (N, 1); 0 if all dropped
+            weights = weights / torch.where(total > 0, total, torch.ones_like(total))  # no 0/0, no huge grads
+        if self.collab is not None:
+            slots = self.collab(slots * plan.keep.unsqueeze(-1).to(slots.dtype), plan.keep)
+        y = torch.bmm(weights.to(slots.dtype).unsqueeze(1), slots).view(B, T, D)   # weighted fuse
+
+        probs, log_normalizer = logits.softmax(dim=-1), torch.logsumexp(logits, dim=-1)   # (N, E), (N,)
+        aux = self.aux_loss(probs, log_normalizer, plan.counts, N)
+        self.record_stats(stats, logits, probs, log_normalizer, plan, N)
+        return y, aux, stats
+
+    # ---- auxiliary losses and metrics ----
+    def aux_loss(self, probs: torch.Tensor, log_normalizer: torch.Tensor, counts: torch.Tensor,
+                 n_tokens: int) -> torch.Tensor:
+        """aux_loss_weight·E·Σ f_i·P_i + router_z_loss_weight·mean(logsumexp(logits)²), in fp32.
+
+        probs (N, E) is the router's full softmax, log_normalizer (N,) logsumexp of its logits.
+        """
+        fraction = counts.float() / (n_tokens * self.top_k)                    # f_i, before capacity
+        load_balance = self.n_experts * (fraction * probs.mean(dim=0)).sum()  # P_i = mean probability
+        z_loss = log_normalizer.square().mean()
+        return self.aux_loss_weight * load_balance + self.z_loss_weight * z_loss
+
+    @torch.no_grad()
+    def record_stats(self, stats: dict, logits: torch.Tensor, probs: torch.Tensor, log_normalizer: torch.Tensor,
+                     plan: DispatchPlan, n_tokens: int):
+        """Detached metrics (tensors; nothing is read on the host here)."""
+        layer = self.layer_idx
+        fraction = plan.counts.float() / (n_tokens * self.top_k)               # (E,)
+        for i in range(self.n_experts):
+            stats[f"experts/util_layer{layer}/e{i}"] = fraction[i]
+        stats[f"experts/drop_rate_layer{layer}"] = 1.0 - plan.keep.float().mean()
+        # entropy -Σ p·log p = logsumexp(logits) - Σ p·logits, from tensors the aux loss computed anyway
+        stats[f"experts/router_entropy_layer{layer}"] = (log_normalizer - (probs * logits).sum(-1)).mean()
+        stats[f"experts/max_load_ratio_layer{layer}"] = fraction.max() * self.n_experts
+
+    # ---- accounting ----
+    def matmul_params_per_token(self) -> int:
+        """Weights each token multiplies through: router + top_k experts x IRL steps + collaboration per slot."""
+        expert = 3 * self.d_model * self.experts.hidden                        # gate, up, down
+        collab = sum(p.numel() for p in self.collab.parameters() if p.dim() >= 2) if self.collab is not None else 0
+        return self.d_model * self.n_experts + self.top_k * (self.experts.steps * expert + collab)

@@ -1,0 +1,194 @@
+"""Process group, device choice, and the two ways of spreading a model over processes.
+
+Launch with `torchrun` (single node: `--standalone --nproc_per_node=N`; several nodes: a rendezvous
+endpoint, see the README). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them the run is a
+single process. NCCL is used between GPUs, gloo on CPU.
+
+* DDP: every process holds the whole model; gradients are averaged in the backward pass (skipped
+  with `no_sync` on all but the last micro-batch of an accumulation).
+* FSDP2 (`parallelism: fsdp`): `fully_shard` on every transformer block and then on the root, so
+  each process holds 1/world of the parameters, gradients and optimizer state.
+
+Every collective in this module is called on every rank.
+"""
+
+import inspect
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from lunaris.errors import ConfigError, LunarisError
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
+    """`auto` picks CUDA, then Apple MPS, then CPU; an explicit choice that is unavailable is an error."""
+    cuda, mps = torch.cuda.is_available(), _mps_available()
+    if preference == "auto":
+        preference = "cuda" if cuda else "mps" if mps else "cpu"
+    if preference == "cuda":
+        if not cuda:
+            raise ConfigError("device is 'cuda' but no CUDA GPU is visible to PyTorch (torch.cuda.is_available() is "
+                              f"False; torch {torch.__version__}). Install a CUDA build of torch, check "
+                              "CUDA_VISIBLE_DEVICES, or set device: cpu.")
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"local rank {local_rank} has no GPU: only {torch.cuda.device_count()} are visible. "
+                              f"Launch at most that many processes per node (torchrun --nproc_per_node).")
+        return torch.device("cuda", local_rank)
+    if preference == "mps":
+        if not mps:
+            raise ConfigError("device is 'mps' but Apple's Metal backend is not available; set device: cpu or auto.")
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend and backend.is_available())
+
+
+def setup_distributed(device_preference: str) -> DistInfo:
+    """Join the process group torchrun describes (if any) and choose this process's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_preference, local_rank)
+    if world_size > 1:
+        if device.type == "mps":
+            raise ConfigError("several processes on device 'mps' are not supported; run one process "
+                              "(python -m lunaris train ...) or use CUDA GPUs.")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            # long timeout: rank 0 may write a large checkpoint while the others wait at a barrier
+            dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+    elif device.type == "cuda":
+        torch.cuda.set_device(device)
+    return DistInfo(rank, local_rank, world_size, device)
+
+
+def teardown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---- small collectives (no-ops in a single process) ------------------------------------------------
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def raise_together(error, info: DistInfo) -> None:
+    """Every rank learns whether any rank failed (a pre-flight check, a save), so none is left
+    waiting in a collective; the failing rank raises its own message, the others a pointer to it.
+    A collective: call it on every rank."""
+    if not info.is_distributed:
+        if error is not None:
+            raise error
+        return
+    failed = torch.tensor([0 if error is None else 1], device=info.device if info.device.type == "cuda" else "cpu")
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if error is not None:
+        raise error
+    if failed.item():
+        raise LunarisError(f"rank {info.rank}: stopping because another rank failed (its message is above).")
+
+
+# ---- model wrapping -------------------------------------------------------------------------------
+
+def params_without_grad(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> list:
+    """Names of trainable parameters that one forward/backward leaves without a gradient.
+
+    DDP must be told about such parameters (find_unused_parameters) or it waits for their
+    gradients forever; finding them costs one small step instead of a per-step graph traversal.
+    """
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        out = model(x, y)
+        out.loss.backward()
+    unused = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    model.zero_grad(set_to_none=True)
+    return unused
+
+
+def wrap_ddp(model: torch.nn.Module, info: DistInfo, find_unused: bool) -> DDP:
+    # No buffer sync before each forward: the only buffers are the rotary tables, identical on every
+    # rank by construction. (torch 2.13 renamed broadcast_buffers to forward_sync_buffers.)
+    device_ids = [info.device.index] if info.device.type == "cuda" else None
+    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                      else {"broadcast_buffers": False})
+    return DDP(model, device_ids=device_ids, find_unused_parameters=find_unused, **no_buffer_sync)
+
+
+def _fully_shard():
+    try:
+        from torch.distributed.fsdp import fully_shard  # torch >= 2.6
+    except ImportError:
+        from torch.distributed._composable.fsdp import fully_shard  # torch 2.4 / 2.5
+    return fully_shard
+
+
+def apply_fsdp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    """FSDP2: shard every transformer block, then the root (embedding, final norm, tied LM head).
+
+    Parameters stay fp32 (master weights) and compute precision comes from autocast, as in DDP, so
+    the MoC router still runs in fp32. The module is sharded in place and moved to `info.device`.
+    """
+    fully_shard = _fully_shard()
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+    except ImportError as exc:  # pragma: no cover - torch < 2.2
+        raise LunarisError(f"parallelism: fsdp needs torch >= 2.4 (found {torch.__version__}): {exc}") from None
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    model.to(info.device)
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def no_sync_context(model, sync: bool):
+    """Skip the gradient all-reduce for a DDP micro-batch that is not the last of its step.
+
+    FSDP reduce-scatters every micro-batch: keeping unsharded gradients until the last one would
+    cost the memory FSDP is there to save.
+    """
+    if sync or not isinstance(model, DDP):
+        return nullcontext()
+    return model.no_sync()
+
+
+def full_norm(norm: torch.Tensor) -> torch.Tensor:
+    """clip_grad_norm_ returns a DTensor for sharded gradients; make it a plain tensor."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

@@ -1,0 +1,78 @@
+"""`lunaris bench`: a tiny --quick run end to end (fields and consistency, never timings), the peak-memory
+worker, the bench/ script adapter, and clear errors for bad arguments."""
+
+import json
+import statistics
+
+import pytest
+
+from lunaris import cli
+from lunaris.bench import (BenchSettings, markdown_tables, measure_memory, resolve_settings, run_script,
+                           lunaris_config, llama_config)
+
+
+def test_quick_bench_prints_a_table_and_writes_json_with_the_documented_fields(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--quick", "--repeats", "2", "--threads", "1", "--no-memory", "--no-scripts",
+                     "--json", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "| comparison | model | params | tokens/s | x baseline |" in stdout
+    report = json.loads(out.read_text())
+    assert report["command"] == (f"lunaris bench --quick --json {out} --device cpu --repeats 2 --threads 1 "
+                                 f"--no-memory --no-scripts")
+    assert report["machine"]["torch_threads"] == 1 and report["machine"]["torch"]
+    assert report["machine"]["transformers"] and report["machine"]["cpu"]
+    assert report["git"] is None or len(report["git"]["commit"]) == 40
+    assert report["settings"]["quick"] and report["settings"]["dtype"] == "fp32"
+    rows = {(r["comparison"], r["name"]): r for r in report["results"]}
+    assert set(rows) == {("dense tiny", "lunaris eager"), ("dense tiny", "transformers LlamaForCausalLM"),
+                         ("MoC vs dense tiny", "lunaris eager"), ("MoC vs dense tiny", "lunaris MoC top-2/8 eager")}
+    ours, llama = rows["dense tiny", "lunaris eager"], rows["dense tiny", "transformers LlamaForCausalLM"]
+    assert ours["params"] == llama["params"]  # identical shapes, identical parameter count
+    assert ours["baseline"] == "transformers LlamaForCausalLM" and "baseline" not in llama
+    for row in rows.values():
+        assert len(row["step_s"]) == 2 and row["seq_len"] == 32 and row["batch"] == 2
+        assert row["tokens_per_s"] == pytest.approx(2 * 32 / statistics.median(row["step_s"]))
+        assert row["mfu_measured"] > 0 and row["matmul_flops_per_s"] > 0 and row["mfu_peak"] is None
+    moc = rows["MoC vs dense tiny", "lunaris MoC top-2/8 eager"]
+    assert moc["params"] > ours["params"] and moc["baseline"] == "lunaris eager" and moc["vs_baseline"] > 0
+    # MoC top-2 of experts half as wide: the same active FFN FLOPs, plus the router's
+    assert moc["flops_per_token"] > ours["flops_per_token"]
+    assert moc["flops_per_token"] - ours["flops_per_token"] == 6 * 2 * 64 * 8
+    assert report["targets"] == [] and report["scripts"] == {}
+
+
+def test_memory_worker_reports_the_peak_of_a_fresh_process():
+    settings = BenchSettings(seq_len=16, batch=2)
+    memory = measure_memory("lunaris", "tiny", False, settings)
+    assert "error" not in memory, memory
+    assert memory["measure"] == "ru_maxrss" and memory["peak_mib"] > 50 and 0 <= memory["delta_mib"] < memory["peak_mib"]
+
+
+def test_llama_twin_has_the_same_shapes():
+    ours = lunaris_config("30m", 256)
+    hf = llama_config(ours)
+    assert (hf.vocab_size, hf.hidden_size, hf.intermediate_size, hf.num_hidden_layers, hf.num_attention_heads,
+            hf.num_key_value_heads, hf.tie_word_embeddings) == (16384, 512, 1376, 8, 8, 4, True)
+    moc = lunaris_config("30m", 256, moc=True)
+    assert moc.n_experts == 8 and moc.top_k == 2 and moc.ffn_hidden * moc.top_k == ours.ffn_hidden
+
+
+def test_markdown_tables_are_parsed_into_rows():
+    text = "title\n\n| a | b |\n|---|--:|\n| x | 1.5 |\n\nnote\n| c |\n|---|\n| y |\n"
+    assert markdown_tables(text) == [[["a", "b"], ["x", "1.5"]], [["c"], ["y"]]]
+
+
+def test_missing_bench_script_is_reported_as_skipped(monkeypatch, tmp_path):
+    monkeypatch.setattr("lunaris.bench.bench_scripts_dir", lambda: tmp_path)
+    assert "not found" in run_script("generate", resolve_settings(quick=True))["skipped"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sizes", "7b"], "unknown size(s) 7b"),
+    (["--batch", "0"], "--batch must be at least 1"),
+    (["--json", "/nonexistent-dir/b.json"], "does not exist"),
+])
+def test_bad_arguments_fail_before_measuring_with_a_clear_error(argv, message, capsys):
+    assert cli.main(["bench", "--quick", *argv]) == 2
+    assert message in capsys.readouterr().err

@@ -1,0 +1,187 @@
+"""`lunaris export`: Hugging Face directories that `transformers` loads and that compute what our model computes."""
+
+import ast
+import dataclasses
+import json
+
+import pytest
+import torch
+from conftest import tiny_model_config
+
+from lunaris import LunarisCodex, LunarisError, TrainConfig
+from lunaris.cli import main
+from lunaris.export import export_checkpoint
+
+transformers = pytest.importorskip("transformers")  # the [hf] extra; installed with [dev]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def byte_level_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(["hello world, the quick brown fox jumps over the lazy dog"] * 20, trainer)
+    return tokenizer
+
+
+def trained_looking_model(**overrides) -> LunarisCodex:
+    """A tiny random model whose norm weights and biases are far from their init (so folding them matters)."""
+    model = LunarisCodex(tiny_model_config(vocab_size=320, **overrides))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(torch.randn_like(param) * 0.5)
+    return model.eval()
+
+
+def save_run(run_dir, model):
+    run_dir.mkdir(parents=True)
+    state = {"model": model.state_dict(), "config": dataclasses.asdict(TrainConfig(model=model.config)), "step": 3}
+    torch.save(state, run_dir / "latest_checkpoint.pt")
+    byte_level_tokenizer().save(str(run_dir / "tokenizer.json"))
+    return run_dir
+
+
+def hf_greedy(hf_model, idx, n):
+    out = hf_model.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=n, min_new_tokens=n,
+                            do_sample=False)
+    return out
+
+
+# ---- dense -> LlamaForCausalLM ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides", [
+    dict(norm_bias=True, n_heads=4, n_kv_heads=2, rope_theta=500.0),
+    dict(norm_bias=False, tie_embeddings=False, n_kv_heads=None, irl_alpha=0.7),
+], ids=["norm-bias-gqa-tied", "no-bias-mha-untied-alpha"])
+def test_dense_model_exports_as_llama_with_the_same_logits(tmp_path, overrides):
+    model = trained_looking_model(**overrides)
+    summary = export_checkpoint(save_run(tmp_path / "run", model), tmp_path / "hf")
+    assert summary["format"] == "llama" and "modeling_lunaris.py" not in summary["files"]
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert config["attention_bias"] == config["mlp_bias"] == model.config.norm_bias
+
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    idx = torch.randint(0, 320, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx).logits, rtol=0, atol=1e-4)
+    # cached decoding through Hugging Face's own generate agrees with ours
+    assert torch.equal(hf_greedy(hf, idx[:, :6], 10), model.generate(idx[:, :6], 10, temperature=0))
+
+
+# ---- MoC and IRL -> remote code ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides", [
+    dict(n_experts=4, top_k=2, capacity_factor=1.0, n_reasoning_steps=2),
+    dict(n_reasoning_steps=3, n_kv_heads=1, tie_embeddings=False),
+], ids=["moc-irl2", "dense-irl3-untied"])
+def test_other_models_export_with_their_own_code_and_load_through_auto_model(tmp_path, overrides):
+    model = trained_looking_model(**overrides)
+    summary = export_checkpoint(save_run(tmp_path / "run", model), tmp_path / "hf")
+    assert summary["format"] == "lunaris"
+    modeling = (tmp_path / "hf" / "modeling_lunaris.py").read_text()
+    imported = [node.module if isinstance(node, ast.ImportFrom) else alias.name
+                for node in ast.walk(ast.parse(modeling)) if isinstance(node, (ast.Import, ast.ImportFrom))
+                for alias in node.names]
+    assert not [name for name in imported if name and name.split(".")[0] == "lunaris"]  # self-contained
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
+    assert type(hf).__name__ == "LunarisForCausalLM"
+    idx = torch.randint(0, 320, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx).logits, rtol=0, atol=1e-5)
+        labels_loss = hf(idx, labels=idx).loss
+    next_tokens = torch.cat([idx[:, 1:], torch.full((2, 1), -1)], dim=1)  # the last position has no target
+    expected_loss = model(idx, targets=next_tokens).loss                  # cross-entropy + MoC aux losses
+    torch.testing.assert_close(labels_loss, expected_loss, rtol=1e-5, atol=1e-5)
+    assert torch.equal(hf_greedy(hf, idx[:, :5], 12), model.generate(idx[:, :5], 12, temperature=0))
+
+
+def test_exported_tokenizer_loads_with_auto_tokenizer_and_encodes_like_tokenizers(tmp_path):
+    run = save_run(tmp_path / "run", trained_looking_model())
+    export_checkpoint(run, tmp_path / "hf")
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ours = byte_level_tokenizer()
+    for text in ["hello world", " the  quick\nbrown fox", "héllo ☃ 日本<|endoftext|>next document"]:
+        assert hf_tokenizer(text)["input_ids"] == ours.encode(text).ids
+        ids = ours.encode(text).ids
+        assert hf_tokenizer.decode(ids) == ours.decode(ids, skip_special_tokens=False)
+    eos = ours.token_to_id("<|endoftext|>")
+    assert hf_tokenizer.eos_token == hf_tokenizer.bos_token == "<|endoftext|>" and hf_tokenizer.eos_token_id == eos
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == eos
+
+
+# ---- files, formats and errors ------------------------------------------------------------------------------
+
+def test_export_command_refuses_to_overwrite_and_force_replaces_the_other_format(tmp_path, capsys):
+    run = save_run(tmp_path / "run", trained_looking_model())
+    out = tmp_path / "hf"
+    assert main(["export", "--checkpoint", str(run), "--out", str(out), "--format", "lunaris"]) == 0
+    assert "trust_remote_code=True" in capsys.readouterr().out
+    assert (out / "modeling_lunaris.py").is_file()
+
+    assert main(["export", "--checkpoint", str(run), "--out", str(out)]) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+
+    (out / "README.md").write_text("the user's notes")
+    assert main(["export", "--checkpoint", str(run), "--out", str(out), "--force", "--dtype", "bf16"]) == 0
+    assert "as llama" in capsys.readouterr().out
+    assert not (out / "modeling_lunaris.py").exists() and not (out / "configuration_lunaris.py").exists()
+    assert (out / "README.md").read_text() == "the user's notes"  # files an export does not write stay
+    from safetensors import safe_open
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary directory left
+
+
+def test_llama_format_for_a_moc_model_is_a_clear_error(tmp_path):
+    run = save_run(tmp_path / "run", trained_looking_model(n_experts=4))
+    with pytest.raises(LunarisError, match="--format llama needs a dense model"):
+        export_checkpoint(run, tmp_path / "hf", fmt="llama")
+
+
+def test_a_failed_export_leaves_no_output_directory(tmp_path, monkeypatch):
+    import lunaris.export as export_module
+    run = save_run(tmp_path / "run", trained_looking_model(n_experts=4))
+
+    def broken():
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export_module, "modeling_source", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export_checkpoint(run, tmp_path / "hf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_export_without_a_tokenizer_says_how_to_pass_one(tmp_path):
+    run = save_run(tmp_path / "run", trained_looking_model())
+    (run / "tokenizer.json").unlink()
+    with pytest.raises(LunarisError, match="pass --tokenizer FILE"):
+        export_checkpoint(run, tmp_path / "hf")
+
+
+def test_the_modeling_file_is_assembled_from_the_lunaris_modules_and_refuses_name_clashes():
+    from lunaris.export.remote_code import _check_unique, modeling_source
+    source = modeling_source()
+    for module in ("lunaris.model.layers", "lunaris.model.attention", "lunaris.model.moc", "lunaris.model.model",
+                   "lunaris.config", "Hugging Face classes"):
+        assert f"# {module}\n" in source
+    compile(source, "modeling_lunaris.py", "exec")
+    _check_unique([("a", "import math\ndef f(): pass"), ("b", "import math\nx = 1")])  # same import: fine
+    with pytest.raises(LunarisError, match="'f' means different things in a and b"):
+        _check_unique([("a", "def f(): pass"), ("b", "def f(): return 1")])
+    with pytest.raises(LunarisError, match="'checkpoint' means different things"):
+        _check_unique([("a", "def checkpoint(): pass"), ("b", "from torch.utils.checkpoint import checkpoint")])
