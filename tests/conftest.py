@@ -18,7 +18,23 @@ def tiny_config():
     return tiny_model_config()
 
 
+def byte_level_tokenizer():
+    """A small byte-level BPE tokenizer with <|endoftext|> (id 0), trained in milliseconds."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(["hello world, the quick brown fox jumps over the lazy dog"] * 20, trainer)
+    return tokenizer
+
+
 @pytest.fixture(autouse=True)
-def _seed_and_threads():
+def _seed_and_one_thread():
+    """Seeded, and one intra-op thread: tiny tensors run faster (and steadier on a busy machine) on one."""
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)

@@ -7,30 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model_config
+from conftest import byte_level_tokenizer, tiny_model_config
 
 from lunaris import LunarisCodex, TrainConfig
 from lunaris.cli import main
 from lunaris.data import ShardDataset, read_manifest
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def byte_level_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(["hello world, the quick brown fox jumps over the lazy dog"] * 20, trainer)
-    return tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -2,21 +2,11 @@
 
 import pytest
 import torch
-from conftest import tiny_model_config
+from conftest import byte_level_tokenizer, tiny_model_config
 
 import lunaris.generate as generate_module
 from lunaris import LunarisCodex, LunarisError
 from lunaris.generate import StreamingDecoder, filter_logits, sample_next_token
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not stall when the cores are shared)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 # ---- KV cache against full recomputation ---------------------------------------------------------------
 
@@ -195,16 +185,6 @@ def test_invalid_sampling_settings_are_clear_errors(kwargs, message):
 
 
 # ---- streaming text ----------------------------------------------------------------------------------------
-
-def byte_level_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(["hello world, the quick brown fox jumps over the lazy dog"] * 20, trainer)
-    return tokenizer
 
 
 def test_streaming_decoder_releases_whole_characters_only():

@@ -71,7 +71,7 @@ def test_every_shipped_config_validates_and_builds_on_meta(path, capsys):
 
 
 # The README's runnable shell blocks, scaled down so the suite stays fast (the Tests section documents this).
-SCALE_DOWN = [("lunaris demo", "lunaris demo --max-steps 6 --corpus-mb 0.4"), ("--max_steps=300", "--max_steps=6")]
+SCALE_DOWN = [("lunaris demo", "lunaris demo --max-steps 6 --corpus-mb 0.4"), ("--max_steps=300", "--max_steps=6 --warmup_steps=2")]
 
 
 def test_runnable_shell_blocks_work(tmp_path):

@@ -14,9 +14,10 @@ What is measured, all in one process on one machine, each figure after warm-up, 
   rounds (a square matmul in the training dtype), and on a GPU also over the datasheet peak.
 - MoC top-2 of 8 (`collab_mode: none`, S = 1) against the dense model of equal active parameters
   (dense FFN hidden = top_k x expert hidden).
-- Peak memory of every configuration, each in a fresh subprocess: CPU `ru_maxrss` (the process's
-  peak resident memory; `delta` is the growth over the built model and optimizer), CUDA
-  `max_memory_allocated`.
+- Peak memory of one training step of every configuration, each in a fresh subprocess after one
+  warm-up step: on CPU the peak resident memory (Linux VmHWM, reset before the step), on CUDA
+  `max_memory_allocated`; `+MiB` is the growth during the step (activations and gradients) over
+  the model, optimizer state and inputs held before it.
 - The data-loader, generation and MoC-layer figures of the scripts in the repository's `bench/`
   folder (run as subprocesses; their markdown tables are copied into the report).
 
@@ -24,9 +25,9 @@ Output: a markdown table on stdout, and with --json a file with the machine, ver
 commit, settings, every raw timing and the targets.
 """
 
+import contextlib
 import datetime
 import json
-import math
 import os
 import platform
 import resource
@@ -50,7 +51,7 @@ from lunaris.errors import LunarisError
 SIZES = {
     "tiny": dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_size=192),   # 0.1M
     "30m": dict(vocab_size=16384, d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_hidden_size=1376),  # 31.6M
-    "100m": dict(vocab_size=32000, d_model=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn_hidden_size=2048),  # 100.0M
+    "100m": dict(vocab_size=32000, d_model=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn_hidden_size=2048),  # 100.1M
     "350m": dict(vocab_size=32000, d_model=1024, n_layers=24, n_heads=16, n_kv_heads=8, ffn_hidden_size=3072),  # 335M
     "1b": dict(vocab_size=32000, d_model=2048, n_layers=20, n_heads=32, n_kv_heads=8, ffn_hidden_size=5632),  # 967M
 }
@@ -158,19 +159,27 @@ class Contender:
 
 
 def make_step(model, optimizer, idx, targets, device: str, hf: bool) -> Callable[[], None]:
-    """forward (bf16 autocast on CUDA), backward, AdamW step, zero_grad(set_to_none)."""
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else None
+    """forward (bf16 autocast on CUDA), backward, AdamW step, zero_grad(set_to_none).
+
+    Llama gets `labels=idx` and shifts them itself; ours gets next-token targets: the same work.
+    """
+    precision = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" else contextlib.nullcontext
 
     def step():
-        if autocast is not None:
-            with autocast:
-                loss = model(input_ids=idx, labels=idx).loss if hf else model(idx, targets).loss
-        else:
+        with precision():
             loss = model(input_ids=idx, labels=idx).loss if hf else model(idx, targets).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step
+
+
+def lunaris_fuses_adamw(device: str) -> bool:
+    """Whether our configure_optimizers picks fused AdamW on `device` (asked of a tiny model)."""
+    from lunaris.model import LunarisCodex
+    tiny = LunarisCodex(lunaris_config("tiny", 8)).to(device)
+    optimizer = tiny.configure_optimizers(weight_decay=0.1, learning_rate=3e-4, device_type=device)
+    return bool(optimizer.defaults.get("fused"))
 
 
 def build_contender(kind: str, size: str, settings: BenchSettings, compiled: bool = False) -> Contender:
@@ -179,25 +188,24 @@ def build_contender(kind: str, size: str, settings: BenchSettings, compiled: boo
     torch.manual_seed(0)
     device, T, B = settings.device, settings.seq_len, settings.batch
     config = lunaris_config(size, T, moc=(kind == "lunaris-moc"))
-    ours = LunarisCodex(config).to(device)
-    optimizer = ours.configure_optimizers(weight_decay=0.1, learning_rate=3e-4, device_type=device)
-    fused = bool(optimizer.defaults.get("fused"))
-    flops = ours.flops_per_token(T)  # identical shapes: the same FLOPs for Llama
     idx = torch.randint(0, config.vocab_size, (B, T), device=device)
     targets = torch.roll(idx, -1, dims=1)
+    with torch.device("meta"):  # FLOPs from the shapes alone; identical shapes: the same FLOPs for Llama
+        flops = LunarisCodex(config).flops_per_token(T)
     if kind == "llama":
         from transformers import LlamaForCausalLM
-        del ours, optimizer
         model = LlamaForCausalLM(llama_config(config)).to(device).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=fused)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                                      fused=lunaris_fuses_adamw(device))  # the same AdamW as ours
         params = sum(p.numel() for p in model.parameters())
         name = "transformers LlamaForCausalLM"
         return Contender(name, model, make_step(model, optimizer, idx, targets, device, hf=True), flops, params)
-    model = ours.train()
-    params = ours.num_params()
+    model = LunarisCodex(config).to(device).train()
+    optimizer = model.configure_optimizers(weight_decay=0.1, learning_rate=3e-4, device_type=device)
     runnable = torch.compile(model) if compiled else model
     name = (MOC_NAME if kind == "lunaris-moc" else "lunaris") + (" compiled" if compiled else " eager")
-    return Contender(name, model, make_step(runnable, optimizer, idx, targets, device, hf=False), flops, params)
+    return Contender(name, model, make_step(runnable, optimizer, idx, targets, device, hf=False), flops,
+                     model.num_params())
 
 
 def matmul_probe(settings: BenchSettings):
@@ -219,21 +227,24 @@ def synchronize(device: str):
         torch.cuda.synchronize()
 
 
-def time_in_turns(steps: dict, warmup: int, repeats: int, device: str) -> dict:
-    """{name: [seconds per round]}: every step once per round, the order rotating each round."""
+def time_in_turns(steps: dict, warmup: int, repeats: int, device: str) -> tuple:
+    """({name: [wall seconds per round]}, {name: [process CPU seconds per round]}): every step once per
+    round, the order rotating each round. CPU time (all threads) barely grows while other processes
+    hold the cores, so its ratios stay readable on a shared machine where wall-clock spikes."""
     for step in steps.values():
         for _ in range(warmup):
             step()
     synchronize(device)
     names = list(steps)
-    times = {name: [] for name in names}
+    wall, cpu = {name: [] for name in names}, {name: [] for name in names}
     for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             steps[name]()
             synchronize(device)
-            times[name].append(time.perf_counter() - start)
-    return times
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    return wall, cpu
 
 
 def median_ratio(numerators: list, denominators: list) -> float:
@@ -247,7 +258,8 @@ def compare(title: str, contenders: list, baselines: dict, settings: BenchSettin
     """
     probe_flops, probe = matmul_probe(settings)
     runnable = {c.name: c.step for c in contenders if c.error is None}
-    times = time_in_turns({**runnable, "matmul": probe}, settings.warmup, settings.repeats, settings.device)
+    times, cpu_times = time_in_turns({**runnable, "matmul": probe}, settings.warmup, settings.repeats,
+                                     settings.device)
     tokens = settings.batch * settings.seq_len
     rows = []
     for c in contenders:
@@ -260,13 +272,18 @@ def compare(title: str, contenders: list, baselines: dict, settings: BenchSettin
         achieved = [c.flops_per_token * tokens / t for t in ts]          # model FLOP/s per round
         rates = [probe_flops / t for t in times["matmul"]]               # matmul FLOP/s per round
         row.update(step_s=ts, step_s_median=statistics.median(ts), tokens_per_s=tokens / statistics.median(ts),
-                   matmul_flops_per_s=statistics.median(rates),
+                   tokens_per_s_best=tokens / min(ts), matmul_flops_per_s=statistics.median(rates),
                    mfu_measured=statistics.median(a / m for a, m in zip(achieved, rates)),
                    mfu_peak=statistics.median(achieved) / peak_flops if peak_flops else None)
         baseline = baselines.get(c.name)
         if baseline in times:
             row["baseline"] = baseline
             row["vs_baseline"] = median_ratio(times[baseline], ts)  # > 1: faster than the baseline
+            row["vs_baseline_best"] = min(times[baseline]) / min(ts)  # the least disturbed round of each
+            if settings.device == "cpu":
+                row["vs_baseline_cpu"] = median_ratio(cpu_times[baseline], cpu_times[c.name])
+        if settings.device == "cpu":
+            row["cpu_s"] = cpu_times[c.name]
         rows.append(row)
     return rows
 
@@ -314,7 +331,7 @@ def moc_comparison(size: str, settings: BenchSettings, peak_flops, log) -> list:
 # ---------------------------------------------------------------------------------------------
 
 def measure_memory(kind: str, size: str, compiled: bool, settings: BenchSettings) -> dict:
-    """Build the configuration in a fresh Python process, run two steps, return its peak memory (MiB)."""
+    """Build the configuration in a fresh Python process and return its training-step peak memory (MiB)."""
     spec = dict(kind=kind, size=size, compiled=compiled, device=settings.device, seq_len=settings.seq_len,
                 batch=settings.batch, threads=torch.get_num_threads())
     proc = subprocess.run([sys.executable, "-m", "lunaris.bench", "--memory-worker", json.dumps(spec)],
@@ -327,24 +344,52 @@ def measure_memory(kind: str, size: str, compiled: bool, settings: BenchSettings
 
 
 def memory_worker(spec: dict) -> dict:
-    """Runs in the subprocess: peak memory of two training steps of one configuration."""
+    """Runs in the subprocess: the peak memory of one training step of one configuration, after a
+    warm-up step (which compiles a compiled configuration and creates the optimizer state)."""
     torch.set_num_threads(spec["threads"])
     settings = BenchSettings(device=spec["device"], seq_len=spec["seq_len"], batch=spec["batch"])
     contender = build_contender(spec["kind"], spec["size"], settings, compiled=spec["compiled"])
+    contender.step()
+    synchronize(settings.device)
     if settings.device == "cuda":
-        synchronize("cuda")
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        for _ in range(2):
-            contender.step()
-        synchronize("cuda")
-        peak = torch.cuda.max_memory_allocated()
-        return {"peak_mib": peak / 2**20, "delta_mib": (peak - before) / 2**20, "measure": "cuda max_memory_allocated"}
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    for _ in range(2):
         contender.step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"peak_mib": peak / 2**20, "delta_mib": (peak - before) / 2**20, "measure": "ru_maxrss"}
+        synchronize("cuda")
+        peak, measure = torch.cuda.max_memory_allocated(), "cuda max_memory_allocated"
+    elif reset_peak_rss():
+        before = proc_status_bytes("VmRSS")
+        contender.step()
+        peak, measure = proc_status_bytes("VmHWM"), "VmHWM"
+    else:  # ru_maxrss: the whole process's peak, compilation included (bytes on macOS, KiB elsewhere)
+        scale = 1 if sys.platform == "darwin" else 1024
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+        contender.step()
+        peak, measure = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, "ru_maxrss"
+    return {"peak_mib": peak / 2**20, "delta_mib": max(0, peak - before) / 2**20, "measure": measure}
+
+
+def proc_status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (Linux) in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS mark (Linux VmHWM) to its current RSS; False where impossible.
+
+    Not ru_maxrss: Linux carries it over from the parent through fork and exec, so a worker started by
+    a big benchmark process would report the parent's peak.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        proc_status_bytes("VmHWM")
+        return True
+    except (OSError, KeyError):
+        return False
 
 
 MEMORY_KINDS = {"lunaris eager": ("lunaris", False), "lunaris compiled": ("lunaris", True),
@@ -372,7 +417,7 @@ def add_memory(rows: list, settings: BenchSettings, log) -> None:
 
 SCRIPTS = {  # name: (file, quick arguments, full arguments)
     "data": ("bench_data.py", ["--corpus-mb", "2", "--loader-tokens", "4000000", "--repeats", "1"], []),
-    "generate": ("bench_generate.py", ["--quick"], []),
+    "generate": ("bench_generate.py", ["--sizes", "micro", "--new-tokens", "32", "--rounds", "2"], []),
     "moc_layer": ("bench_moc.py", ["--quick", "--rounds", "3"], []),
 }
 
@@ -404,7 +449,7 @@ def run_script(name: str, settings: BenchSettings) -> dict:
     if folder is None or not (folder / file).is_file():
         return {"skipped": f"bench/{file} not found (run lunaris bench from a source checkout)"}
     args = quick_args if settings.quick else full_args
-    threads = ["--threads", str(torch.get_num_threads())] if name == "moc_layer" else []
+    threads = ["--threads", str(torch.get_num_threads())] if name in ("moc_layer", "generate") else []
     command = [sys.executable, str(folder / file), *args, *threads]
     start = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True, timeout=3600, cwd=folder.parent)
@@ -421,7 +466,10 @@ def run_script(name: str, settings: BenchSettings) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 def git_commit() -> Optional[dict]:
+    """The checkout's commit and whether tracked files differ from it; None outside a source checkout."""
     root = Path(__file__).resolve().parents[2]
+    if not (root / "pyproject.toml").is_file():  # an installed package: no repository of ours around it
+        return None
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
@@ -515,18 +563,20 @@ def markdown_report(report: dict) -> str:
              f"{', ' + m['gpu'] if m.get('gpu') else ''}; torch {m['torch']}, transformers {m['transformers']}; "
              f"{s['dtype']}, seq {s['seq_len']}, batch {s['batch']}, {s['warmup']} warm-up + {s['repeats']} rounds",
              f"command: {report['command']}", "",
-             "| comparison | model | params | tokens/s | x baseline | MFU (measured matmul) | MFU (peak) | peak MiB | +MiB |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| comparison | model | params | tokens/s | x baseline | x best rounds | x CPU time "
+             "| MFU (measured matmul) | MFU (peak) | peak MiB | +MiB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     baselines = {(row["comparison"], row["baseline"]) for row in report["results"] if "baseline" in row}
     for row in report["results"]:
         if "error" in row:
             lines.append(f"| {row['comparison']} | {row['name']} | {row['params'] / 1e6:.1f}M | {row['error']} "
-                         f"| | | | | |")
+                         f"| | | | | | | |")
             continue
         memory = row.get("memory", {})
         lines.append(
             f"| {row['comparison']} | {row['name']} | {row['params'] / 1e6:.1f}M | {row['tokens_per_s']:,.0f} | "
-            f"{versus(row, baselines)} | "
+            f"{versus(row, baselines)} | {_fmt(row.get('vs_baseline_best'), '.3f')} | "
+            f"{_fmt(row.get('vs_baseline_cpu'), '.3f')} | "
             f"{row['mfu_measured']:.3f} | {_fmt(row['mfu_peak'], '.3f', 'n/a')} | "
             f"{_fmt(memory.get('peak_mib'), ',.0f')} | {_fmt(memory.get('delta_mib'), ',.0f')} |")
     rates = [row["matmul_flops_per_s"] for row in report["results"] if "matmul_flops_per_s" in row]
@@ -550,7 +600,8 @@ def markdown_report(report: dict) -> str:
 def check_json_path(path) -> None:
     path = Path(path)
     if path.is_dir():
-        raise LunarisError(f"lunaris bench --json {path}: that is a directory; give a file name such as {path}/bench.json.")
+        raise LunarisError(f"lunaris bench --json {path}: that is a directory; give a file name such as "
+                           f"{path}/bench.json.")
     if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
         raise LunarisError(f"lunaris bench --json {path}: directory {path.parent} does not exist or is not writable; "
                            f"create it or choose another path.")
@@ -572,6 +623,9 @@ def run_bench(settings: BenchSettings, command: str, log=None) -> dict:
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     # Set explicitly (and reported): torch's default is the number of physical cores.
     torch.set_num_threads(settings.threads or torch.get_num_threads())
+    if settings.device == "cuda":  # as the trainer runs: TF32 for the fp32 matmuls outside autocast
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     peak = datasheet_peak(settings)
     rows = []
     for size in settings.sizes:
@@ -581,7 +635,9 @@ def run_bench(settings: BenchSettings, command: str, log=None) -> dict:
     if settings.memory:
         add_memory(rows, settings, log)
     scripts = {}
-    if settings.scripts:
+    if settings.scripts and settings.device == "cuda":
+        scripts = {name: {"skipped": "CPU-only script; run lunaris bench --device cpu for it"} for name in SCRIPTS}
+    elif settings.scripts:
         for name in SCRIPTS:
             log(f"bench/{SCRIPTS[name][0]} ...")
             scripts[name] = run_script(name, settings)
@@ -598,15 +654,15 @@ def command_line(args) -> str:
     """The command as typed, rebuilt from the parsed arguments (also right when called from Python)."""
     words = ["lunaris", "bench"]
     for name, value in vars(args).items():
-        if name in ("func", "accepts_overrides", "command") or value in (None, False):
+        if name in ("func", "accepts_overrides", "command") or value is None:
             continue
         flag = "--" + name.replace("_", "-")
-        if value is True:
+        if name == "compile":
+            words.append(flag if value else "--no-compile")
+        elif value is True:
             words.append(flag)
-        else:
+        elif value is not False:
             words += [flag, *map(str, value if isinstance(value, list) else [value])]
-    if args.compile is False:
-        words[words.index("--compile")] = "--no-compile"
     return " ".join(words)
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from lunaris.errors import LunarisError
 
-
 # ---- lunaris config -----------------------------------------------------------------------------
 
 def add_config_parser(sub):
@@ -293,7 +292,7 @@ def add_demo_parser(sub):
 
 def cmd_demo(args, overrides):
     from lunaris.demo import run_demo
-    summary = run_demo(args.out, args.minutes, args.max_steps, args.arch, args.device, args.corpus_mb)
+    run_demo(args.out, args.minutes, args.max_steps, args.arch, args.device, args.corpus_mb)
     return 0
 
 

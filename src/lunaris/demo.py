@@ -115,8 +115,8 @@ def run_demo(out="runs/demo", minutes: float = None, max_steps: int = None, arch
         max_steps = state.get("max_steps") or calibrate_steps(config, minutes or 4.0)
     config.max_steps = max_steps
     config.warmup_steps = min(config.warmup_steps, max(1, max_steps // 10))
-    config.eval_interval = max(1, max_steps // 5)
-    config.save_interval = max(1, max_steps // 5)
+    config.eval_interval = max(25, max_steps // 4)  # the trainer also evaluates and saves at the last step
+    config.save_interval = max(25, max_steps // 4)
     config.log_interval = max(1, min(config.log_interval, max_steps // 20 or 1))
     config.validate()
     write_json(state_path, {**state, "max_steps": max_steps, "arch": arch})

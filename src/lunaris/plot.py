@@ -28,7 +28,7 @@ def read_metrics(run_dir) -> dict:
         raise LunarisError(f"{path} does not exist; pass the out_dir of a `lunaris train` run "
                            f"(it writes metrics.jsonl every log_interval steps).")
     series = defaultdict(lambda: ([], []))
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for line in path.read_text().splitlines():
         if not line.strip():
             continue
         try:

@@ -16,7 +16,6 @@ import platform
 import tempfile
 import time
 import traceback
-from typing import Optional
 
 import torch
 

@@ -61,8 +61,8 @@ def test_ranks_disjoint_and_together_complete(dataset):
 def test_ragged_tail_dropped_equally_for_all_ranks(dataset):
     # 24 samples, global batch 2 x 5 = 10: 2 batches per rank per epoch, 4 samples left out of each epoch.
     loaders = [TokenLoader(dataset, 5, rank=r, world_size=2, seed=1) for r in range(2)]
-    assert [l.batches_per_epoch for l in loaders] == [2, 2]
-    seen = [sum((sample_ids(x) for x, _ in take(l, 2)), []) for l in loaders]
+    assert [loader.batches_per_epoch for loader in loaders] == [2, 2]
+    seen = [sum((sample_ids(x) for x, _ in take(loader, 2)), []) for loader in loaders]
     assert len(set(seen[0] + seen[1])) == 20
 
 

@@ -4,8 +4,8 @@ import textwrap
 
 import pytest
 import torch
-
 from conftest import tiny_model_config
+
 from lunaris import LunarisCodex, load_config
 from lunaris.model.layers import ReasoningFeedForward
 from lunaris.model.moc import MHACollaboration, MoCLayer
@@ -63,14 +63,6 @@ SEED_MOC_YAML = textwrap.dedent("""\
 
 SHRINK = {"model.vocab_size": 64, "model.d_model": 32, "model.n_layers": 2, "model.n_heads": 4,
           "model.n_kv_heads": 2, "model.max_seq_len": 16, "model.multiple_of": 16}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def moc_model(**overrides) -> LunarisCodex:
@@ -175,7 +167,7 @@ def test_a_tiny_moc_model_learns():
     optimizer = model.configure_optimizers(weight_decay=0.0, learning_rate=3e-3)
     pattern = torch.randperm(64)[:24]
     losses = []
-    for step in range(25):
+    for _ in range(25):
         start = torch.randint(0, 24, (4,))
         idx = torch.stack([pattern.roll(-int(s))[:17] for s in start])    # (4, 17): windows of a cycle
         out = model(idx[:, :-1], idx[:, 1:])

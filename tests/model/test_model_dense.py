@@ -183,7 +183,7 @@ def test_two_layer_model_learns_a_repeating_sequence():
     pattern = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8])
     stream = pattern.repeat(20)
     optimizer = model.configure_optimizers(weight_decay=0.0, learning_rate=3e-3)
-    for step in range(300):
+    for step in range(300):  # noqa: B007  (reported below)
         starts = torch.randint(0, len(stream) - 33, (8,))
         batch = torch.stack([stream[s:s + 33] for s in starts])
         loss = model(batch[:, :-1], batch[:, 1:]).loss
