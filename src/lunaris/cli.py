@@ -298,8 +298,8 @@ def cmd_demo(args, overrides):
 
 # ---- entry point ----------------------------------------------------------------------------------
 
-PARSERS = [add_demo_parser, add_config_parser, add_plot_parser, add_prepare_parser, add_train_parser,
-           add_generate_parser, add_eval_parser, add_export_parser, add_selftest_parser, add_bench_parser]
+PARSERS = [add_demo_parser, add_prepare_parser, add_train_parser, add_eval_parser, add_generate_parser,
+           add_export_parser, add_plot_parser, add_config_parser, add_selftest_parser, add_bench_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

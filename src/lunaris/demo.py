@@ -21,8 +21,9 @@ import torch
 from lunaris.errors import LunarisError
 
 PRESET = Path(__file__).parent / "presets" / "demo-cpu.yaml"
+# tests, vendored packages and generated tables (codec maps, pydoc topics) are not the code we want to model
 EXCLUDE = ("test/*", "tests/*", "*/test/*", "*/tests/*", "idlelib/*", "lib2to3/*", "site-packages/*",
-           "dist-packages/*", "turtledemo/*", "__pycache__/*")
+           "dist-packages/*", "turtledemo/*", "__pycache__/*", "encodings/*", "pydoc_data/*")
 
 
 def stdlib_dir() -> Path:
