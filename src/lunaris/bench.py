@@ -42,6 +42,7 @@ from typing import Callable, Optional
 import torch
 
 from lunaris.errors import LunarisError
+from lunaris.fileio import atomic_write_json
 
 # ---------------------------------------------------------------------------------------------
 # Model shapes
@@ -607,16 +608,6 @@ def check_json_path(path) -> None:
                            f"create it or choose another path.")
 
 
-def write_json(report: dict, path) -> None:
-    """Write to a temporary file beside `path`, then rename: an existing file is never left half-written."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
 
 def run_bench(settings: BenchSettings, command: str, log=None) -> dict:
     """Run every measurement of `settings`; return the report dict (see markdown_report for its fields)."""
@@ -672,7 +663,7 @@ def main_bench(settings: BenchSettings, json_path=None, command: str = "lunaris 
     report = run_bench(settings, command)
     print(markdown_report(report))
     if json_path is not None:
-        write_json(report, json_path)
+        atomic_write_json(json_path, report)
     return report
 
 

@@ -10,7 +10,6 @@ Running it again resumes: the data is kept and training continues from the last 
 """
 
 import json
-import os
 import sysconfig
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from lunaris.errors import LunarisError
+from lunaris.fileio import atomic_write_json
 
 PRESET = Path(__file__).parent / "presets" / "demo-cpu.yaml"
 # tests, vendored packages and generated tables (codec maps, pydoc topics) are not the code we want to model
@@ -106,6 +106,7 @@ def run_demo(out="runs/demo", minutes: float = None, max_steps: int = None, arch
         raise LunarisError("--minutes, --max-steps and --corpus-mb must be positive.")
     out = Path(out)
     data_dir, run_dir, state_path = out / "data", out / arch, out / f"demo-{arch}.json"
+    out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     manifest = prepare_corpus(data_dir, corpus_mb, 4096, 0, echo)
     vocab_size = manifest["model_vocab_size"]
@@ -120,7 +121,7 @@ def run_demo(out="runs/demo", minutes: float = None, max_steps: int = None, arch
     config.save_interval = max(25, max_steps // 4)
     config.log_interval = max(1, min(config.log_interval, max_steps // 20 or 1))
     config.validate()
-    write_json(state_path, {**state, "max_steps": max_steps, "arch": arch})
+    atomic_write_json(state_path, {**state, "max_steps": max_steps, "arch": arch})
     train_tokens = config.max_steps * config.batch_size * config.gradient_accumulation_steps * config.model.max_seq_len
     echo(f"[2/5] train: {arch} model, {max_steps} steps of {config.batch_size} x {config.model.max_seq_len} tokens "
          f"({train_tokens:,} tokens) into {run_dir}")
@@ -156,7 +157,7 @@ def run_demo(out="runs/demo", minutes: float = None, max_steps: int = None, arch
                "bits_per_byte": metrics["bits_per_byte"], "beats_unigram": metrics["loss"] < baseline,
                "sample": sample, "plot": plot, "run_dir": str(run_dir), "data_dir": str(data_dir),
                "seconds": round(time.time() - started, 1)}
-    write_json(state_path, {**summary, "max_steps": max_steps})
+    atomic_write_json(state_path, {**summary, "max_steps": max_steps})
     echo(next_steps(run_dir, data_dir, out))
     return summary
 
@@ -171,10 +172,4 @@ def next_steps(run_dir: Path, data_dir: Path, out: Path) -> str:
         f"  lunaris demo --out {out} --max-steps N   (continue training this run to step N)",
     ])
 
-
-def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(temp, path)
 

@@ -8,9 +8,7 @@ with different tokenizers comparable; a flat directory of shards has no manifest
 MoC layers run dropless (eval mode), and the reported loss is the cross-entropy alone, without aux losses.
 """
 
-import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from lunaris.errors import DataError, LunarisError
+from lunaris.fileio import atomic_write_json
 
 
 @torch.no_grad()
@@ -119,11 +118,6 @@ def run_eval(checkpoint, data=None, max_batches: int = None, batch_size: int = N
                    "seq_len": model.config.max_seq_len, "batch_size": batch_size,
                    "seconds": round(time.perf_counter() - start, 3)})
     if json_path is not None:
-        write_json_atomic(Path(json_path), result)
+        atomic_write_json(Path(json_path), result)
     return result
 
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(temp, path)

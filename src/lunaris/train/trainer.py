@@ -40,6 +40,7 @@ import yaml
 import lunaris
 from lunaris.config import TrainConfig
 from lunaris.errors import CheckpointError, ConfigError, LunarisError
+from lunaris.fileio import atomic_write_text
 from lunaris.model import LunarisCodex
 from lunaris.train import checkpoint as ckpt
 from lunaris.train.distributed import (
@@ -356,7 +357,7 @@ class Trainer:
         from lunaris.data import tokenizer_path
         cfg, info = self.config, self.info
         text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-        _atomic_write_text(self.out_dir / "config.yaml", text)
+        atomic_write_text(self.out_dir / "config.yaml", text)
         run_info = {
             "lunaris_version": lunaris.__version__,
             "git_commit": git_commit(),
@@ -379,10 +380,10 @@ class Trainer:
             "command": sys.argv,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        _atomic_write_text(self.out_dir / "run_info.json", json.dumps(run_info, indent=2) + "\n")
+        atomic_write_text(self.out_dir / "run_info.json", json.dumps(run_info, indent=2) + "\n")
         tokenizer = tokenizer_path(cfg.data_dir)
         if tokenizer is not None and not (self.out_dir / "tokenizer.json").exists():
-            _atomic_write_text(self.out_dir / "tokenizer.json", Path(tokenizer).read_text(encoding="utf-8"))
+            atomic_write_text(self.out_dir / "tokenizer.json", Path(tokenizer).read_text(encoding="utf-8"))
 
     # =========================================================================================
     # one step
@@ -729,11 +730,6 @@ def _safe_exp(value: float) -> float:
     except OverflowError:
         return float("inf")
 
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temp.write_text(text, encoding="utf-8")
-    os.replace(temp, path)
 
 
 def train(config: TrainConfig, resume=None) -> TrainResult:
