@@ -76,6 +76,7 @@ def worker(rank: int, world_size: int, port: int, results):
         fsdp_history = train_steps(sharded, torch.optim.AdamW(sharded.parameters(), lr=1e-3), rank)
         results[rank] = dict(ddp=history, idle_grad=idle_grad, busy_grad=busy_grad, in_sync=ddp_in_sync,
                              fsdp=fsdp_history)
+        dist.barrier()  # both ranks done before teardown (see lunaris.train.distributed.teardown_distributed)
     except Exception as exc:  # reported by the test, with the rank
         results[rank] = dict(error=f"{type(exc).__name__}: {exc}")
         raise

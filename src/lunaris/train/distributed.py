@@ -88,8 +88,13 @@ def setup_distributed(device_preference: str) -> DistInfo:
     return DistInfo(rank, local_rank, world_size, device)
 
 
-def teardown_distributed() -> None:
+def teardown_distributed(clean_exit: bool = False) -> None:
+    """Destroy the process group. After a clean run every rank first meets at a barrier: gloo aborts a
+    process ("terminate called without an active exception") whose peer tears its connections down
+    while it is still destroying its own. Not after an error, where a peer may never arrive."""
     if dist.is_initialized():
+        if clean_exit:
+            dist.barrier()
         dist.destroy_process_group()
 
 

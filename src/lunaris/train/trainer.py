@@ -703,7 +703,7 @@ class Trainer:
     # teardown
     # =========================================================================================
 
-    def close(self) -> None:
+    def close(self, clean_exit: bool = False) -> None:
         self._restore_signal_handlers()
         if self.logger is not None:
             self.logger.close()
@@ -711,7 +711,7 @@ class Trainer:
         loader = getattr(self, "loader", None)
         if loader is not None and hasattr(loader, "close"):
             loader.close()
-        teardown_distributed()
+        teardown_distributed(clean_exit)
 
 
 def _describe_error(exc: BaseException) -> str:
@@ -735,10 +735,13 @@ def _safe_exp(value: float) -> float:
 def train(config: TrainConfig, resume=None) -> TrainResult:
     """Run a training job to the end (or to a SIGTERM/SIGINT). See `Trainer` for `resume`."""
     trainer = Trainer(config, resume=resume)
+    clean_exit = False
     try:
-        return trainer.run()
+        result = trainer.run()
+        clean_exit = True
+        return result
     finally:
-        trainer.close()
+        trainer.close(clean_exit)
 
 
 def run_cli(config_path, overrides=None, resume=None, no_resume: bool = False) -> int:
