@@ -20,7 +20,8 @@ def write_yaml(tmp_path, data, name="c.yaml"):
 def test_seed_dense_example_loads_unchanged():
     config = load_config(FIXTURES / "seed_dense_train_config.yaml")
     m = config.model
-    assert (m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.max_seq_len) == (50304, 1024, 20, 16, 4, 1024)
+    shape = (m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.max_seq_len)
+    assert shape == (50304, 1024, 20, 16, 4, 1024)
     assert m.use_gradient_checkpointing is True and not m.is_moc
     assert config.learning_rate == 2.0e-4 and config.warmup_steps == 2000 and config.max_steps == 200000
     assert config.batch_size == 32 and config.gradient_accumulation_steps == 4 and config.compile_model is True

@@ -30,7 +30,8 @@ def section(title: str) -> str:
 def test_config_reference_matches_the_code():
     start, end = "<!-- config-reference:start -->\n", "\n<!-- config-reference:end -->"
     table = README.split(start)[1].split(end)[0]
-    assert table == reference_table(), "README config reference is stale: regenerate it with `lunaris config --reference`"
+    assert table == reference_table(), \
+        "README config reference is stale: regenerate it with `lunaris config --reference`"
 
 
 def test_ci_runs_the_readme_setup_and_test_commands():
@@ -71,7 +72,8 @@ def test_every_shipped_config_validates_and_builds_on_meta(path, capsys):
 
 
 # The README's runnable shell blocks, scaled down so the suite stays fast (the Tests section documents this).
-SCALE_DOWN = [("lunaris demo", "lunaris demo --max-steps 6 --corpus-mb 0.4"), ("--max_steps=300", "--max_steps=6 --warmup_steps=2")]
+SCALE_DOWN = [("lunaris demo", "lunaris demo --max-steps 6 --corpus-mb 0.4"),
+              ("--max_steps=300", "--max_steps=6 --warmup_steps=2")]
 
 
 def test_runnable_shell_blocks_work(tmp_path):

@@ -305,7 +305,8 @@ PARSERS = [add_demo_parser, add_prepare_parser, add_train_parser, add_eval_parse
 def build_parser() -> argparse.ArgumentParser:
     from lunaris import __version__
     parser = argparse.ArgumentParser(
-        prog="lunaris", description="Pre-train dense and MoC language models: prepare, train, evaluate, generate, export.")
+        prog="lunaris",
+        description="Pre-train dense and MoC language models: prepare, train, evaluate, generate, export.")
     parser.add_argument("--version", action="version", version=f"lunaris {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in PARSERS:

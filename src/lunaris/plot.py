@@ -65,7 +65,8 @@ def plot_run(run_dir, out=None) -> Path:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise LunarisError("lunaris plot needs matplotlib: pip install 'lunaris[plot]' (or pip install matplotlib).") from None
+        raise LunarisError("lunaris plot needs matplotlib: pip install 'lunaris[plot]' "
+                           "(or pip install matplotlib).") from None
     import numpy as np
 
     series = read_metrics(run_dir)
