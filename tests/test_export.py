@@ -39,6 +39,36 @@ def hf_greedy(hf_model, idx, n):
     return out
 
 
+def assert_cached_generation_matches_full_recompute(hf_model, vocab_size: int, steps: int = 20):
+    """The logits `generate` sees at each cached decode step (batch 2) equal a full forward over the sequence.
+
+    The check cannot pass by coincidence: the model's next-token logits must depend on the context (a decode step
+    that lost its cache sees only the newest token, at position 0, and gets the logits of that token alone).
+    """
+    prompt = torch.randint(0, vocab_size, (2, 6))
+    with torch.no_grad():
+        out = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=steps,
+                                min_new_tokens=steps, do_sample=False, output_logits=True,
+                                return_dict_in_generate=True)
+        sequences = out.sequences                                              # (2, 6 + steps)
+        full = hf_model(sequences, use_cache=False).logits                     # (2, 6 + steps, V)
+        assert len(out.logits) == steps
+        for step, logits in enumerate(out.logits):                             # each (2, V)
+            position = prompt.size(1) + step - 1  # the logits at this position chose token `position + 1`
+            torch.testing.assert_close(logits.float(), full[:, position].float(), rtol=0, atol=1e-4)
+            alone = hf_model(sequences[:, position:position + 1], use_cache=False).logits[:, 0]
+            assert (alone - full[:, position]).abs().max() > 1e-2, "the test model must depend on its context"
+
+
+def context_dependent_model(**overrides) -> LunarisCodex:
+    """A trained-looking model with larger attention weights, so its next token depends strongly on the context."""
+    model = trained_looking_model(**overrides)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.qkv.weight.mul_(8.0)
+    return model
+
+
 # ---- dense -> LlamaForCausalLM ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("overrides", [
@@ -87,6 +117,23 @@ def test_other_models_export_with_their_own_code_and_load_through_auto_model(tmp
     expected_loss = model(idx, targets=next_tokens).loss                  # cross-entropy + MoC aux losses
     torch.testing.assert_close(labels_loss, expected_loss, rtol=1e-5, atol=1e-5)
     assert torch.equal(hf_greedy(hf, idx[:, :5], 12), model.generate(idx[:, :5], 12, temperature=0))
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(n_heads=4, n_kv_heads=2),                                                      # llama: GQA, tied
+    dict(n_heads=4, n_kv_heads=1, tie_embeddings=False),                                # llama: MQA, untied
+    dict(n_heads=4, n_kv_heads=None, n_reasoning_steps=2, tie_embeddings=False),        # lunaris: MHA, untied
+    dict(n_experts=4, top_k=2, n_kv_heads=2, n_reasoning_steps=2),                      # lunaris: MoC, GQA, tied
+    dict(n_experts=4, top_k=1, n_kv_heads=1, tie_embeddings=False),                     # lunaris: MoC, MQA, untied
+], ids=["llama-gqa-tied", "llama-mqa-untied", "lunaris-irl2-mha-untied", "lunaris-moc-gqa-tied",
+        "lunaris-moc-mqa-untied"])
+def test_cached_generate_of_every_export_format_sees_the_logits_of_a_full_recompute(tmp_path, overrides):
+    model = context_dependent_model(**overrides)
+    summary = export_checkpoint(save_run(tmp_path / "run", model), tmp_path / "hf")
+    assert summary["format"] == ("lunaris" if model.config.n_experts or model.config.n_reasoning_steps > 1
+                                 else "llama")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
+    assert_cached_generation_matches_full_recompute(hf, model.config.vocab_size)
 
 
 def test_exported_tokenizer_loads_with_auto_tokenizer_and_encodes_like_tokenizers(tmp_path):

@@ -15,6 +15,11 @@ from lunaris.model.model import LunarisCodex
 
 from .configuration_lunaris import LunarisConfig
 
+# transformers 5.24 renamed the cache argument and output field from `past_key_values` to `cache`: `generate`
+# passes it under the new name, and a forward that reads only the old one would start an empty cache at every
+# step (each token decoded alone, at position 0). The output is built with the name this version's class has.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 
 class HFLayerCache:
     """One layer's view of a Hugging Face `Cache`, with the interface LunarisCodex's attention calls.
@@ -62,8 +67,14 @@ class LunarisForCausalLM(PreTrainedModel, GenerationMixin):
         return self.model.lm_head
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, labels=None, use_cache=None,
-                logits_to_keep=0, return_dict=None, **kwargs):
-        """input_ids (B, T); labels (B, T) as in every Hugging Face causal LM (shifted inside, -100 ignored)."""
+                logits_to_keep=0, return_dict=None, cache=None, **kwargs):
+        """input_ids (B, T); labels (B, T) as in every Hugging Face causal LM (shifted inside, -100 ignored).
+
+        The KV cache arrives as `cache` (transformers >= 5.24) or `past_key_values` (earlier versions).
+        """
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both.")
+        past_key_values = cache if cache is not None else past_key_values
         if input_ids is None:
             raise ValueError("LunarisForCausalLM needs input_ids (inputs_embeds is not supported).")
         if attention_mask is not None and not bool(attention_mask.all()):
@@ -83,4 +94,4 @@ class LunarisForCausalLM(PreTrainedModel, GenerationMixin):
         out = self.model(input_ids, targets=targets, caches=caches, start=start,
                          last_logits_only=(logits_to_keep == 1 and targets is None))
         return CausalLMOutputWithPast(loss=out.loss, logits=out.logits,
-                                      past_key_values=past_key_values if use_cache else None)
+                                      **{CACHE_FIELD: past_key_values if use_cache else None})
