@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The original entry point, kept working unchanged:
+"""The classic entry point, kept working unchanged:
 
     torchrun --standalone --nproc_per_node=auto train.py train_config.yaml
 

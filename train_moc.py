@@ -1,22 +1,14 @@
 #!/usr/bin/env python
-"""The original entry point, kept working unchanged:
+"""The MoC entry point, kept working unchanged: the same trainer as train.py serves MoC and dense models.
 
     torchrun --standalone --nproc_per_node=auto train_moc.py train.yaml
 
-It is `lunaris train train.yaml`: the same trainer as train.py serves MoC and dense models
-(--key=value overrides and --resume PATH / --no-resume work here too). Runs from a clone
-without installing the package.
+It is `lunaris train train.yaml` (--key=value overrides and --resume PATH / --no-resume work here too),
+and it runs train.py, so the two can never differ.
 """
 
-import sys
+import runpy
 from pathlib import Path
 
-try:
-    import lunaris  # noqa: F401
-except ImportError:  # a clone that was not pip-installed: use its src/ directly
-    sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
-
-from lunaris.cli import main
-
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    runpy.run_path(str(Path(__file__).resolve().with_name("train.py")), run_name="__main__")

@@ -4,9 +4,10 @@ import pytest
 import torch
 from conftest import byte_level_tokenizer, tiny_model_config
 
-import lunaris.generate as generate_module
+import lunaris.model.model as model_module
 from lunaris import LunarisCodex, LunarisError
-from lunaris.generate import StreamingDecoder, filter_logits, sample_next_token
+from lunaris.generate import StreamingDecoder
+from lunaris.model.sampling import filter_logits, sample_next_token
 
 # ---- KV cache against full recomputation ---------------------------------------------------------------
 
@@ -28,13 +29,13 @@ def random_model(**overrides) -> LunarisCodex:
 def generate_recording_logits(model, idx, max_new_tokens, monkeypatch, **kwargs):
     """model.generate, plus the (B, vocab) logits it sampled each new token from."""
     recorded = []
-    real = generate_module.sample_next_token
+    real = model_module.sample_next_token
 
     def spy(logits, *args, **kw):
         recorded.append(logits.clone())
         return real(logits, *args, **kw)
 
-    monkeypatch.setattr(generate_module, "sample_next_token", spy)
+    monkeypatch.setattr(model_module, "sample_next_token", spy)
     out = model.generate(idx, max_new_tokens, **kwargs)
     monkeypatch.undo()
     return out, recorded

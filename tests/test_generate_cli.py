@@ -1,4 +1,4 @@
-"""Loading checkpoints (`LunarisCodex.from_checkpoint`) and the `lunaris generate` command."""
+"""Loading checkpoints (`model_from_checkpoint`) and the `lunaris generate` command."""
 
 import dataclasses
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import byte_level_tokenizer, tiny_model_config
 
-from lunaris import CheckpointError, LunarisCodex, TrainConfig
+from lunaris import CheckpointError, LunarisCodex, TrainConfig, model_from_checkpoint
 from lunaris.cli import main
 
 
@@ -34,7 +34,7 @@ def test_from_checkpoint_loads_config_and_weights_from_a_file_or_a_run_directory
     save_run(tmp_path / "run", model)
     idx = torch.randint(0, 320, (2, 10))
     for path in (tmp_path / "run", tmp_path / "run" / "ckpt_7.pt"):
-        loaded = LunarisCodex.from_checkpoint(path)
+        loaded = model_from_checkpoint(path)
         assert loaded.config == model.config and not loaded.training
         assert loaded.wte.weight.device.type == "cpu"
         torch.testing.assert_close(loaded(idx).logits, model(idx).logits, rtol=0, atol=0)
@@ -42,17 +42,17 @@ def test_from_checkpoint_loads_config_and_weights_from_a_file_or_a_run_directory
 
 def test_from_checkpoint_of_a_missing_path_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
-        LunarisCodex.from_checkpoint(tmp_path / "nope.pt")
+        model_from_checkpoint(tmp_path / "nope.pt")
     (tmp_path / "empty_run").mkdir()
     with pytest.raises(CheckpointError, match="without checkpoints"):
-        LunarisCodex.from_checkpoint(tmp_path / "empty_run")
+        model_from_checkpoint(tmp_path / "empty_run")
 
 
 def test_from_checkpoint_of_an_unreadable_file_is_a_clear_error(tmp_path):
     path = tmp_path / "latest_checkpoint.pt"
     path.write_bytes(b"this is not a checkpoint" * 10)
     with pytest.raises(CheckpointError, match="cannot be read"):
-        LunarisCodex.from_checkpoint(path)
+        model_from_checkpoint(path)
 
 
 def test_weights_that_do_not_fit_the_stored_config_are_a_clear_error(tmp_path):
@@ -61,20 +61,20 @@ def test_weights_that_do_not_fit_the_stored_config_are_a_clear_error(tmp_path):
              "config": dataclasses.asdict(TrainConfig(model=tiny_model_config(d_model=64)))}
     torch.save(state, tmp_path / "ckpt_1.pt")
     with pytest.raises(CheckpointError, match=r"ckpt_1.pt do not fit the model config.*size mismatch"):
-        LunarisCodex.from_checkpoint(tmp_path / "ckpt_1.pt")
+        model_from_checkpoint(tmp_path / "ckpt_1.pt")
 
 
 def test_a_checkpoint_without_a_model_config_is_a_clear_error(tmp_path):
     torch.save({"model": {}, "config": {"learning_rate": 1e-3}, "step": 1}, tmp_path / "ckpt_1.pt")
     with pytest.raises(CheckpointError, match=r"no model config"):
-        LunarisCodex.from_checkpoint(tmp_path / "ckpt_1.pt")
+        model_from_checkpoint(tmp_path / "ckpt_1.pt")
 
 
 # ---- lunaris generate ------------------------------------------------------------------------------------
 
 def test_generate_command_streams_the_greedy_continuation(run_dir, capsys):
     tokenizer = byte_level_tokenizer()
-    model = LunarisCodex.from_checkpoint(run_dir)
+    model = model_from_checkpoint(run_dir)
     eos = tokenizer.token_to_id("<|endoftext|>")
     prompt = "the quick"
     idx = torch.tensor([tokenizer.encode(prompt).ids])

@@ -70,22 +70,35 @@ def add_prepare_parser(sub):
                         "(default 1M; 0 for none)")
     p.add_argument("--max-tokens", type=int, help="stop after this many training tokens")
     p.add_argument("--seed", type=int, default=0, help="shuffles the order of files inside directory sources")
-    p.add_argument("--text-field", default="text", help="JSONL field / Parquet or HF column holding the text")
-    p.add_argument("--include", nargs="+", metavar="GLOB", help="file globs to take from directories "
-                   "(default: common text, JSONL and Parquet extensions, plain or compressed)")
-    p.add_argument("--exclude", nargs="+", default=[], metavar="GLOB", help="file globs to skip in directories")
+    p.add_argument("--text-field", default="text",
+                   help="JSONL field / Parquet or HF column holding the text (default text)")
+    # one value per flag (repeat it, or separate globs with commas), so a SOURCE after it is never taken for a glob
+    p.add_argument("--include", action="extend", type=_globs, metavar="GLOB[,GLOB]",
+                   help="file globs to take from directories; repeatable (default: common text, JSONL and Parquet "
+                        "extensions, plain or compressed)")
+    p.add_argument("--exclude", action="extend", type=_globs, default=[], metavar="GLOB[,GLOB]",
+                   help="file globs to skip in directories; repeatable")
     p.add_argument("--hf-split", default="train", help="split of a Hugging Face DatasetDict source")
     p.add_argument("--eot-token", default="<|endoftext|>", help="end-of-text token of an existing --tokenizer")
     p.add_argument("--tokenizer-sample-bytes", type=float, default=5e8,
                    help="bytes of text from the start of the mix used to train the tokenizer (default 500 MB)")
-    p.add_argument("--batch-docs", type=int, default=1024, help="documents per encoding batch")
+    p.add_argument("--batch-docs", type=int, default=1024, help="documents per encoding batch (default 1024)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the new data is complete")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)
 
 
+def _globs(text: str) -> list:
+    return [glob.strip() for glob in text.split(",") if glob.strip()]
+
+
 def cmd_prepare(args, overrides):
     from lunaris.data.prepare import DEFAULT_INCLUDE, PrepareOptions, format_report, prepare
+    patterns = [source for source in args.sources if any(c in source for c in "*?[") and not Path(source).exists()]
+    if patterns:
+        raise LunarisError(f"SOURCE {patterns[0]!r} does not exist and looks like a file glob. --include and "
+                           f"--exclude take one glob each: repeat the flag (--include '*.py' --include '*.txt') or "
+                           f"separate globs with commas (--include '*.py,*.txt').")
     options = PrepareOptions(
         sources=args.sources, out=args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
         weights=args.weights, shard_tokens=args.shard_tokens, val_tokens=args.val_tokens, max_tokens=args.max_tokens,
@@ -107,7 +120,8 @@ def add_train_parser(sub):
         description="Train the model CONFIG describes; --key=value or --model.key=value override config keys. "
                     "A run restarted with the same out_dir resumes from its newest checkpoint. Several processes: "
                     "torchrun --standalone --nproc_per_node=N -m lunaris train CONFIG.")
-    p.add_argument("config", help="YAML config file (the seeds' format: model keys under model:)")
+    p.add_argument("config", help="YAML config file, in the format shown in the README (model keys under "
+                                  "model:; `lunaris config --reference` lists every key)")
     resume = p.add_mutually_exclusive_group()
     resume.add_argument("--resume", metavar="PATH", help="resume from this checkpoint file, FSDP checkpoint "
                         "directory, or run directory (default: out_dir's newest checkpoint, if any)")
@@ -237,38 +251,21 @@ def cmd_selftest(args, overrides):
 # ---- lunaris bench --------------------------------------------------------------------------------
 
 def add_bench_parser(sub):
+    from lunaris.bench import add_arguments
     p = sub.add_parser(
         "bench", help="training-step speed and MFU against transformers' Llama, MoC vs dense, memory",
         description="Time training steps (forward, backward, AdamW) of Lunaris (eager and compiled) and "
                     "transformers' LlamaForCausalLM at identical shapes, in turns on this machine; report tokens/s, "
                     "ratios, MFU against the measured matmul rate (and the GPU's datasheet peak), MoC top-2/8 "
                     "against the dense model of equal active parameters, peak memory of each configuration, and "
-                    "the figures of the repository's bench/ scripts. Prints a markdown table.")
-    p.add_argument("--quick", action="store_true", help="tiny model, few rounds, no compile (a smoke test, seconds)")
-    p.add_argument("--json", metavar="FILE", help="also write every figure, the machine and the command to FILE")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to run (default cpu)")
-    p.add_argument("--sizes", nargs="+", metavar="SIZE",
-                   help="model sizes: tiny 30m 100m 350m 1b (default: 30m 100m on CPU, 350m 1b on CUDA)")
-    p.add_argument("--seq-len", type=int, help="sequence length (default 256 on CPU, 2048 on CUDA)")
-    p.add_argument("--batch", type=int, help="sequences per step (default 4 on CPU, 8 on CUDA)")
-    p.add_argument("--repeats", type=int, help="timed rounds; the median is reported (default 7, quick 3)")
-    p.add_argument("--warmup", type=int, help="untimed steps of each side first (default 2, quick 1)")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice; reported)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="also time torch.compile'd Lunaris (default on, off with --quick)")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    p.add_argument("--no-moc", action="store_true", help="skip MoC top-2/8 vs dense")
-    p.add_argument("--no-scripts", action="store_true", help="skip the repository's bench/ scripts")
+                    "the figures of the bench/ scripts of a source checkout. Prints a markdown table.")
+    add_arguments(p)  # every option and default is lunaris.bench's (BenchSettings)
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args, overrides):
-    from lunaris.bench import command_line, main_bench, resolve_settings
-    settings = resolve_settings(
-        device=args.device, quick=args.quick, sizes=args.sizes, seq_len=args.seq_len, batch=args.batch,
-        warmup=args.warmup, repeats=args.repeats, threads=args.threads, compile=args.compile,
-        memory=not args.no_memory, moc=not args.no_moc, scripts=not args.no_scripts)
-    main_bench(settings, json_path=args.json, command=command_line(args))
+    from lunaris.bench import BenchSettings, command_line, main_bench
+    main_bench(BenchSettings.from_args(args), json_path=args.json, command=command_line(args))
     return 0
 
 
@@ -317,9 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
+    if args.command is None:  # like any missing argument: usage on stderr, exit status 2
+        parser.print_help(sys.stderr)
+        return 2
     if extra and not getattr(args, "accepts_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:

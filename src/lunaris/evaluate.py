@@ -13,42 +13,28 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from lunaris.errors import DataError, LunarisError
 from lunaris.fileio import atomic_write_json
+from lunaris.train.checkpoint import TRAINER_STATE, resolve_checkpoint_path
+from lunaris.train.evaluation import held_out_sums, loss_and_perplexity
 
 
-@torch.no_grad()
 def evaluate(model, dataset, batch_size: int, max_batches: int = None, bytes_per_token: float = None) -> dict:
     """Token-weighted mean loss over the first `max_batches` batches (all if None) of a ShardDataset."""
     from lunaris.data import sequential_batches
-    was_training = model.training
-    model.eval()
     device = model.wte.weight.device
-    total_nats = torch.zeros((), dtype=torch.float64, device=device)
-    total_tokens = torch.zeros((), dtype=torch.int64, device=device)
-    batches = 0
-    try:
-        for x, y in sequential_batches(dataset, batch_size, max_batches=max_batches):
-            x, y = x.to(device), y.to(device)                      # (B, L) each
-            logits = model(x).logits                               # (B, L, vocab)
-            total_nats += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1,
-                                          reduction="sum").double()
-            total_tokens += (y != -1).sum()
-            batches += 1
-    finally:
-        model.train(was_training)
-    tokens = int(total_tokens)
+    batches = sequential_batches(dataset, batch_size, max_batches=max_batches)
+    nats, tokens, count = held_out_sums(model, batches, device).tolist()  # the model is already in its dtype
     if tokens == 0:
         raise DataError("the evaluation data has no target tokens; point --data at shards with at least 2 tokens.")
-    loss = float(total_nats) / tokens
+    loss, perplexity = loss_and_perplexity(nats, tokens)
     return {
         "loss": loss,
-        "perplexity": math.exp(min(loss, 700.0)),  # exp overflows a float above ~709
+        "perplexity": perplexity,
         "bits_per_byte": loss / math.log(2) / bytes_per_token if bytes_per_token else None,
-        "tokens": tokens,
-        "batches": batches,
+        "tokens": int(tokens),
+        "batches": int(count),
     }
 
 
@@ -90,7 +76,6 @@ def bytes_per_token(data_dir) -> float:
 
 def checkpoint_metadata(path) -> dict:
     """The run config and step saved in a checkpoint, read without loading its tensors (memory-mapped)."""
-    from lunaris.train.checkpoint import TRAINER_STATE, resolve_checkpoint_path
     path = resolve_checkpoint_path(path)
     state = torch.load(path / TRAINER_STATE if path.is_dir() else path, map_location="cpu", weights_only=True,
                        mmap=True)

@@ -1,8 +1,8 @@
-"""Sampling (temperature, top-k, top-p) and `lunaris generate`: stream a model's continuation to the terminal.
+"""`lunaris generate`: stream a model's continuation to the terminal.
 
-The decoding loop itself (KV-cache prefill, then one-token steps) is `LunarisCodex.generate_stream`; this
-module holds what it samples with and what the command adds around it: the checkpoint's tokenizer,
-device and precision, and text that appears as it is produced.
+The decoding loop itself (KV-cache prefill, then one-token steps) is `LunarisCodex.generate_stream`, and
+what it samples with is `lunaris.model.sampling`; this module holds what the command adds around it: the
+checkpoint's tokenizer, device and precision, and text that appears as it is produced.
 """
 
 import sys
@@ -12,62 +12,10 @@ from pathlib import Path
 
 import torch
 
-from lunaris.errors import ConfigError, LunarisError
-
-END_OF_TEXT = "<|endoftext|>"  # the document separator `lunaris prepare` trains into every tokenizer
-
-
-# ---- sampling ----------------------------------------------------------------------------------------
-
-def check_sampling_args(max_new_tokens: int, temperature: float, top_k, top_p) -> None:
-    problems = []
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        problems.append(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-    if temperature < 0:
-        problems.append(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        problems.append(f"top_k must be a positive integer or None, got {top_k!r}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        problems.append(f"top_p must be in (0, 1] or None, got {top_p!r}")
-    if problems:
-        raise ConfigError("invalid generation settings: " + "; ".join(problems) + ".")
-
-
-def check_prompt_length(prompt_tokens: int, max_seq_len: int) -> None:
-    """A prompt must leave room for at least one new token within the model's context."""
-    if not 0 < prompt_tokens < max_seq_len:
-        raise LunarisError(
-            f"the prompt has {prompt_tokens} tokens, but generation needs between 1 and {max_seq_len - 1} (the "
-            f"model's context, max_seq_len={max_seq_len}, must leave room for new tokens); shorten the prompt.")
-
-
-def filter_logits(logits: torch.Tensor, top_k: int = None, top_p: float = None) -> torch.Tensor:
-    """Set the logits of excluded tokens to -inf. logits (B, V).
-
-    top_k keeps the k largest logits (ties with the k-th are kept too); top_p then keeps the smallest set of
-    most likely tokens whose probability reaches top_p (nucleus sampling). The most likely token always stays.
-    """
-    if top_k is not None and top_k < logits.size(-1):
-        kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]             # (B, 1)
-        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)               # (B, V) each
-        probs = sorted_logits.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens
-        remove_sorted = mass_before >= top_p
-        remove = remove_sorted.scatter(-1, order, remove_sorted)                   # back to vocabulary order
-        logits = logits.masked_fill(remove, float("-inf"))
-    return logits
-
-
-def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int = None, top_p: float = None,
-                      generator: torch.Generator = None) -> torch.Tensor:
-    """Next token ids (B, 1) from logits (B, V): argmax when temperature is 0, else a filtered sample."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
-    return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
-
+from lunaris.errors import LunarisError
+from lunaris.model.sampling import check_prompt_length, check_sampling_args
+from lunaris.runtime import END_OF_TEXT, resolve_device, resolve_dtype, set_threads
+from lunaris.train.checkpoint import model_from_checkpoint
 
 # ---- tokenizer ---------------------------------------------------------------------------------------
 
@@ -146,44 +94,13 @@ class StreamingDecoder:
         return text[len(prefix):]
 
 
-# ---- device and precision ----------------------------------------------------------------------------
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise LunarisError(f"--device {name} was requested but CUDA is not available on this machine; use --device cpu.")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise LunarisError(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps.") from None
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 on GPUs that support it, fp32 elsewhere (bf16 matmuls are slow on most CPUs)."""
-    if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return DTYPES[name]
-
+# ---- the model ----------------------------------------------------------------------------------
 
 def load_model(checkpoint, device: str = "auto", dtype: str = "auto", threads: int = None):
     """LunarisCodex from a checkpoint or run directory, in eval mode, on the resolved device and precision."""
-    from lunaris.model import LunarisCodex
-    if threads is not None:
-        if threads < 1:
-            raise LunarisError(f"--threads must be a positive integer, got {threads}.")
-        torch.set_num_threads(threads)
+    set_threads(threads)
     torch_device = resolve_device(device)
-    model = LunarisCodex.from_checkpoint(checkpoint, device=torch_device)
+    model = model_from_checkpoint(checkpoint, device=torch_device)
     return model.to(resolve_dtype(dtype, torch_device))
 
 

@@ -1,6 +1,6 @@
 """`lunaris plot RUN_DIR`: training curves (and MoC expert utilization) from `RUN_DIR/metrics.jsonl`.
 
-metrics.jsonl holds one JSON object per logged step: `step` plus the metric names of DESIGN.md
+metrics.jsonl holds one JSON object per logged step: `step` plus the metric names listed in the README
 (`loss/total`, `val/loss`, `lr`, `grad_norm`, `throughput/tokens_per_sec`, `experts/util_layer{l}/e{i}`, ...).
 """
 
@@ -10,6 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from lunaris.errors import LunarisError
+from lunaris.fileio import atomic_open
 
 PANELS = [  # (title, metric names drawn in it)
     ("loss", ["loss/total", "loss/main", "val/loss"]),
@@ -96,8 +97,7 @@ def plot_run(run_dir, out=None) -> Path:
         fig.colorbar(image, ax=ax)
     fig.tight_layout()
     out = Path(out) if out else (Path(run_dir) if Path(run_dir).is_dir() else Path(run_dir).parent) / "training.png"
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_open(out, "wb") as f:
+        fig.savefig(f, dpi=110, format=out.suffix.lstrip(".") or "png")
     plt.close(fig)
-    tmp.replace(out)
     return out

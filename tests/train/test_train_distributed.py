@@ -76,3 +76,15 @@ def test_fsdp_two_processes_train_save_and_resume(tmp_path, train_config, helper
     light = load_checkpoint_file(out, include_optimizer=False)
     assert light["step"] == STEPS and "optimizer" not in light
     helpers.assert_weights_close(light["model"], reference_weights, atol=TOLERANCE)
+
+
+def test_train_moc_entry_point_is_train_py(tmp_path, train_config, helpers):
+    import subprocess
+    import sys
+    config = helpers.write_yaml(train_config(tmp_path / "run", model={"n_experts": 4, "top_k": 2}, max_steps=2),
+                                tmp_path / "moc.yaml")
+    done = subprocess.run([sys.executable, "train_moc.py", str(config)], cwd=helpers.REPO, capture_output=True,
+                          text=True, env=helpers.subprocess_env(), timeout=240, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "finished 2 steps" in done.stdout
+    assert [r["step"] for r in helpers.read_metrics(tmp_path / "run")] == [1, 2]

@@ -357,3 +357,16 @@ def test_corrupt_latest_checkpoint_is_reported_not_silently_restarted(tmp_path, 
     err = capsys.readouterr().err
     assert f"Checkpoint {out / LATEST_FILE} cannot be read" in err and "--resume" in err
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_the_run_says_how_many_epochs_it_takes_and_warns_when_it_repeats_the_data_many_times(tmp_path, train_config):
+    from lunaris.train.logging import banner
+    for max_steps, warned in ((6, False), (2000, True)):
+        trainer = Trainer(train_config(tmp_path / str(max_steps), max_steps=max_steps))
+        try:
+            lines = banner(trainer)
+        finally:
+            trainer.close()
+        steps_per_epoch = trainer.loader.batches_per_epoch  # no accumulation
+        assert f"{max_steps} steps = {max_steps / steps_per_epoch:.2f} epochs" in lines[1]
+        assert any(line.startswith("warning: the run passes over its training data") for line in lines) == warned

@@ -1,6 +1,6 @@
 """`lunaris export`: a checkpoint -> a Hugging Face model directory.
 
-Two formats (DESIGN.md):
+Two formats:
 - `llama`: a dense model with one IRL step is exactly `LlamaForCausalLM` (see llama.py), so every tool
   that reads Llama reads it, no Lunaris code needed;
 - `lunaris`: any model (MoC, IRL > 1) with its own modeling code in the directory and `auto_map`, loaded with
@@ -21,6 +21,8 @@ import torch
 from lunaris.errors import LunarisError
 from lunaris.export.llama import llama_compatible, llama_config, llama_state_dict
 from lunaris.export.remote_code import configuration_source, modeling_source
+from lunaris.runtime import END_OF_TEXT
+from lunaris.train.checkpoint import model_from_checkpoint
 
 FORMATS = ("auto", "llama", "lunaris")
 DTYPE_NAMES = {"fp32": (torch.float32, "float32"), "bf16": (torch.bfloat16, "bfloat16"),
@@ -34,7 +36,6 @@ def export_checkpoint(checkpoint, out_dir, tokenizer=None, fmt: str = "auto", dt
                       force: bool = False) -> dict:
     """Export a checkpoint (file or run directory) to `out_dir`; returns a summary (format, files, parameters)."""
     from lunaris.generate import end_of_text_id, find_tokenizer, load_tokenizer
-    from lunaris.model import LunarisCodex
 
     if fmt not in FORMATS:
         raise LunarisError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}.")
@@ -44,7 +45,7 @@ def export_checkpoint(checkpoint, out_dir, tokenizer=None, fmt: str = "auto", dt
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not force)):
         raise LunarisError(f"{out_dir} already exists and is not empty; choose another --out, or pass --force to "
                            f"replace the exported files in it.")
-    model = LunarisCodex.from_checkpoint(checkpoint)
+    model = model_from_checkpoint(checkpoint)
     config = model.config
     if fmt == "auto":
         fmt = "llama" if llama_compatible(config) else "lunaris"
@@ -121,7 +122,6 @@ def write_json(path: Path, data: dict) -> None:
 
 def write_tokenizer_files(directory: Path, tokenizer_path: Path, eos, max_seq_len: int) -> None:
     """tokenizer.json (as trained), tokenizer_config.json and special_tokens_map.json for AutoTokenizer."""
-    from lunaris.generate import END_OF_TEXT
     shutil.copyfile(tokenizer_path, directory / "tokenizer.json")
     special = {"bos_token": END_OF_TEXT, "eos_token": END_OF_TEXT, "unk_token": END_OF_TEXT} if eos is not None else {}
     write_json(directory / "special_tokens_map.json", special)

@@ -19,8 +19,6 @@ from lunaris.errors import LunarisError
 
 ROOT_MODULE = "lunaris.model.model"
 WHOLE_PACKAGE = "lunaris.model."  # modules under here are embedded whole; others only where used
-# Imported inside a function that the exported model never calls (from_checkpoint reads Lunaris run directories).
-NOT_EMBEDDED = {"lunaris.train.checkpoint"}
 WRAPPER_FILE = Path(__file__).with_name("hf_wrapper.py")
 CONFIG_FILE = Path(__file__).with_name("hf_config.py")
 
@@ -208,7 +206,7 @@ def modeling_source() -> str:
     wanted: dict = {}
     for module in whole:
         for _, source_module, names in module.lunaris_imports():
-            if not source_module.startswith(WHOLE_PACKAGE) and source_module not in NOT_EMBEDDED:
+            if not source_module.startswith(WHOLE_PACKAGE):
                 wanted.setdefault(source_module, set()).update(names)
     # the wrapper (the Hugging Face classes) uses a few Lunaris names as well, e.g. model_config_from_dict
     wrapper = _Module("Hugging Face classes", WRAPPER_FILE.read_text(encoding="utf-8"))

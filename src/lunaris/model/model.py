@@ -14,10 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from lunaris.config import LunarisCodexConfig, model_config_from_dict, raise_problems
-from lunaris.errors import CheckpointError
+from lunaris.config import LunarisCodexConfig, raise_problems
 from lunaris.model.attention import CausalSelfAttention, KVCache
 from lunaris.model.layers import ReasoningFeedForward, RMSNorm, RotaryEmbedding
+from lunaris.model.sampling import check_prompt_length, check_sampling_args, sample_next_token
 
 
 class ModelOutput(NamedTuple):
@@ -127,31 +127,7 @@ class LunarisCodex(nn.Module):
                                 ignore_index=-1, reduction="sum")
         return total / (flat_targets != -1).sum().clamp_min(1)
 
-    # ---- loading and generation ----
-    @classmethod
-    def from_checkpoint(cls, path, device="cpu") -> "LunarisCodex":
-        """Build the model a checkpoint describes and load its weights, in eval mode, on `device`.
-
-        `path` is a checkpoint file (ckpt_<step>.pt, latest_checkpoint.pt) or a run directory (its latest
-        checkpoint). Raises CheckpointError for a missing or unreadable file, or weights that do not fit the config.
-        """
-        from lunaris.train.checkpoint import load_checkpoint_file, resolve_checkpoint_path
-        path = resolve_checkpoint_path(path)
-        checkpoint = load_checkpoint_file(path)
-        model_dict = checkpoint["config"].get("model") if isinstance(checkpoint["config"], dict) else None
-        if not isinstance(model_dict, dict):
-            raise CheckpointError(f"checkpoint {path} has no model config (config['model']); pass a checkpoint "
-                                  f"written by `lunaris train`.")
-        model = cls(model_config_from_dict(model_dict, source=f"model config in {path}"))
-        try:
-            model.load_state_dict(checkpoint["model"])
-        except RuntimeError as exc:
-            detail = " ".join(str(exc).split())[:800]  # torch lists every missing/unexpected/mis-sized key
-            raise CheckpointError(
-                f"the weights in {path} do not fit the model config stored with them ({detail}). The file was "
-                f"edited or written by another program; use a checkpoint saved by `lunaris train`.") from None
-        return model.to(device).eval()
-
+    # ---- generation ----
     def new_kv_caches(self, batch: int, length: int) -> list:
         """One preallocated KVCache per layer for `length` positions, at n_kv_heads (the GQA memory saving)."""
         c, weight = self.config, self.wte.weight
@@ -176,7 +152,6 @@ class LunarisCodex(nn.Module):
         One forward pass over the prompt fills the KV caches (prefill), then each step feeds only the newest
         token at its position. Runs in eval mode (dropout off, MoC dropless) and restores the previous mode.
         """
-        from lunaris.generate import check_prompt_length, check_sampling_args, sample_next_token
         check_sampling_args(max_new_tokens, temperature, top_k, top_p)
         B, T = idx.shape
         limit = self.config.max_seq_len

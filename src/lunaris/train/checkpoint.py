@@ -45,7 +45,10 @@ from typing import Optional
 import numpy as np
 import torch
 
+from lunaris.config import model_config_from_dict
 from lunaris.errors import CheckpointError
+from lunaris.fileio import atomic_link, atomic_open, atomic_symlink, replace_dir
+from lunaris.model import LunarisCodex
 
 LATEST_FILE = "latest_checkpoint.pt"
 LATEST_DIR = "latest_checkpoint"
@@ -101,23 +104,6 @@ def _as_tuple(value):
 
 # ---- atomic file writes -------------------------------------------------------------------------------
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _temp_path(final: Path) -> Path:
-    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
-
-
 def _maybe_pause(step: int) -> None:
     spec = os.environ.get(_PAUSE_ENV, "")
     if spec:
@@ -128,41 +114,8 @@ def _maybe_pause(step: int) -> None:
 
 def atomic_save(obj, path: Path, step: int = -1) -> None:
     """torch.save to a temporary file in the same directory, fsync, then rename over `path`."""
-    path = Path(path)
-    temp = _temp_path(path)
-    try:
-        with open(temp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _maybe_pause(step)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _atomic_link(target: Path, link: Path) -> None:
-    """Make `link` name the same file as `target`, atomically: a hard link, or a full copy if unsupported."""
-    temp = _temp_path(link)
-    temp.unlink(missing_ok=True)
-    try:
-        os.link(target, temp)
-    except OSError:  # filesystems without hard links (some network/FUSE mounts): copy instead
-        shutil.copyfile(target, temp)
-        with open(temp, "rb+") as f:
-            os.fsync(f.fileno())
-    os.replace(temp, link)
-    _fsync_dir(link.parent)
-
-
-def _atomic_symlink(target_name: str, link: Path) -> None:
-    temp = _temp_path(link)
-    temp.unlink(missing_ok=True)
-    os.symlink(target_name, temp)
-    os.replace(temp, link)
-    _fsync_dir(link.parent)
+    with atomic_open(path, "wb", before_rename=lambda: _maybe_pause(step)) as f:
+        torch.save(obj, f)
 
 
 # ---- listing, rotation ------------------------------------------------------------------------------
@@ -229,7 +182,7 @@ def save_checkpoint(state: dict, out_dir, step: int, keep_last: int, update_late
     path = out_dir / f"ckpt_{step}.pt"
     atomic_save(state, path, step)
     if update_latest:
-        _atomic_link(path, out_dir / LATEST_FILE)
+        atomic_link(path, out_dir / LATEST_FILE)
     prune_checkpoints(out_dir, keep_last)
     return path
 
@@ -255,17 +208,9 @@ def save_distributed_checkpoint(model, optimizer, trainer_state: dict, out_dir, 
         atomic_save(trainer_state, temp / TRAINER_STATE, step)
     dist.barrier()  # every rank's shards are on disk
     if rank == 0:
-        if final.exists():  # the same step saved again (e.g. a stop right after resuming): replace it
-            old = out_dir / f".ckpt_{step}.tmp-old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(temp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(temp, final)
-        _fsync_dir(out_dir)
+        replace_dir(temp, final)  # the same step saved again (a stop right after resuming) replaces it
         if update_latest:
-            _atomic_symlink(final.name, out_dir / LATEST_DIR)
+            atomic_symlink(final.name, out_dir / LATEST_DIR)
         prune_checkpoints(out_dir, keep_last)
     dist.barrier()
     return final
@@ -381,3 +326,27 @@ def load_checkpoint_file(path, include_optimizer: bool = True) -> dict:
                               f"Pass a file written by `lunaris train` (ckpt_<step>.pt or latest_checkpoint.pt).")
     state["model"] = clean_state_dict(state["model"])
     return state
+
+
+def model_from_checkpoint(path, device="cpu") -> LunarisCodex:
+    """Build the model a checkpoint describes and load its weights, in eval mode, on `device`.
+
+    `path` is a checkpoint file (ckpt_<step>.pt, latest_checkpoint.pt), an FSDP checkpoint directory, or a run
+    directory (its newest checkpoint). The optimizer state is never read. Raises CheckpointError for a missing or
+    unreadable file, or weights that do not fit the config.
+    """
+    path = resolve_checkpoint_path(path)
+    checkpoint = load_checkpoint_file(path, include_optimizer=False)
+    model_dict = checkpoint["config"].get("model") if isinstance(checkpoint["config"], dict) else None
+    if not isinstance(model_dict, dict):
+        raise CheckpointError(f"checkpoint {path} has no model config (config['model']); pass a checkpoint "
+                              f"written by `lunaris train`.")
+    model = LunarisCodex(model_config_from_dict(model_dict, source=f"model config in {path}"))
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:800]  # torch lists every missing/unexpected/mis-sized key
+        raise CheckpointError(
+            f"the weights in {path} do not fit the model config stored with them ({detail}). The file was "
+            f"edited or written by another program; use a checkpoint saved by `lunaris train`.") from None
+    return model.to(device).eval()

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lunaris.errors import ConfigError, LunarisError
+from lunaris.runtime import resolve_device
 
 
 @dataclass
@@ -39,32 +40,6 @@ class DistInfo:
     @property
     def is_distributed(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
-    """`auto` picks CUDA, then Apple MPS, then CPU; an explicit choice that is unavailable is an error."""
-    cuda, mps = torch.cuda.is_available(), _mps_available()
-    if preference == "auto":
-        preference = "cuda" if cuda else "mps" if mps else "cpu"
-    if preference == "cuda":
-        if not cuda:
-            raise ConfigError("device is 'cuda' but no CUDA GPU is visible to PyTorch (torch.cuda.is_available() is "
-                              f"False; torch {torch.__version__}). Install a CUDA build of torch, check "
-                              "CUDA_VISIBLE_DEVICES, or set device: cpu.")
-        if local_rank >= torch.cuda.device_count():
-            raise ConfigError(f"local rank {local_rank} has no GPU: only {torch.cuda.device_count()} are visible. "
-                              f"Launch at most that many processes per node (torchrun --nproc_per_node).")
-        return torch.device("cuda", local_rank)
-    if preference == "mps":
-        if not mps:
-            raise ConfigError("device is 'mps' but Apple's Metal backend is not available; set device: cpu or auto.")
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def _mps_available() -> bool:
-    backend = getattr(torch.backends, "mps", None)
-    return bool(backend and backend.is_available())
 
 
 def setup_distributed(device_preference: str) -> DistInfo:

@@ -1,6 +1,6 @@
 """Where training metrics go: a tqdm bar, console lines, `metrics.jsonl`, W&B and TensorBoard.
 
-Metric names are the same everywhere (DESIGN.md): `loss/total`, `loss/main`, `loss/aux`,
+Metric names are the same everywhere: `loss/total`, `loss/main`, `loss/aux`,
 `perplexity`, `lr`, `grad_norm` (before clipping), `throughput/tokens_per_sec`, `throughput/mfu`,
 `val/loss`, `val/perplexity`, plus whatever the model reports (`experts/util_layer{l}/e{i}`,
 `experts/drop_rate_layer{l}`, `irl/update_norm_step{t}`). Only rank 0 writes anything.
@@ -15,64 +15,22 @@ reads as one uninterrupted run.
 import json
 import math
 import os
+import platform
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
 import torch
+import yaml
 
+import lunaris
 from lunaris.errors import LunarisError
+from lunaris.fileio import atomic_write_json, atomic_write_text
+from lunaris.runtime import DTYPE_NAMES, device_name, git_commit
 
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_run_id.txt"
-
-# Dense bf16/fp16 tensor-core peak FLOP/s per device (no sparsity), checked in order: put the more
-# specific names first. MFU on these GPUs is relative to this peak whatever the dtype (the usual
-# convention, as in PaLM); set `peak_flops` in the config for anything else.
-GPU_PEAK_FLOPS = (
-    ("GB200", 2.5e15),
-    ("B200", 2.25e15),
-    ("H200", 989e12),
-    ("GH200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),       # SXM
-    ("H800", 989e12),
-    ("H20", 148e12),
-    ("A100", 312e12),
-    ("A800", 312e12),
-    ("L40S", 362e12),
-    ("L40", 181e12),
-    ("L4", 121e12),
-    ("A10G", 70e12),
-    ("A10", 125e12),
-    ("A6000", 155e12),
-    ("RTX 6000 Ada", 364e12),
-    ("4090", 165e12),
-    ("3090", 71e12),
-    ("V100", 125e12),
-    ("T4", 65e12),
-    ("MI300X", 1307e12),
-    ("MI250X", 383e12),
-)
-
-
-def peak_flops_per_device(device: torch.device, configured: Optional[float]) -> Optional[float]:
-    """`peak_flops` from the config, else the table entry for this GPU's name; None if unknown (e.g. CPU)."""
-    if configured:
-        return float(configured)
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return peak_flops_for_name(name)
-
-
-def peak_flops_for_name(name: str) -> Optional[float]:
-    for key, flops in GPU_PEAK_FLOPS:
-        if key.lower() in name.lower():
-            return flops
-    return None
-
 
 def _finite_or_none(value):
     if isinstance(value, float) and not math.isfinite(value):
@@ -134,15 +92,13 @@ class RunLogger:
                     kept.append(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by a kill
-        temp = path.with_name(f".{path.name}.tmp")
-        temp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
-        os.replace(temp, path)
+        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
     def _start_wandb(self, resumed: bool):
         wandb = import_wandb()
         id_file = self.out_dir / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if resumed and id_file.exists() else wandb.util.generate_id()
-        id_file.write_text(run_id)
+        atomic_write_text(id_file, run_id)
         cfg = self.config
         return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, entity=cfg.wandb_entity,
                           config=cfg.to_dict(), dir=str(self.out_dir), id=run_id, resume="allow")
@@ -215,3 +171,63 @@ def import_tensorboard():
         raise LunarisError("tensorboard: true but the tensorboard package is not installed. Install it with "
                            "`pip install 'lunaris[tensorboard]'`, or set tensorboard: false.") from None
     return SummaryWriter
+
+
+def write_run_files(trainer) -> None:
+    """config.yaml (the resolved config), run_info.json (versions, machine, layout) and the tokenizer, in out_dir."""
+    cfg, info, out_dir = trainer.config, trainer.info, trainer.out_dir
+    atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_json(out_dir / "run_info.json", {
+        "lunaris_version": lunaris.__version__,
+        "git_commit": git_commit(),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "device": device_name(info.device),
+        "device_type": info.device.type,
+        "world_size": info.world_size,
+        "parallelism": trainer.parallelism,
+        "dtype": DTYPE_NAMES[trainer.dtype],
+        "compile_model": cfg.compile_model,
+        "parameters": trainer.num_params,
+        "flops_per_token": trainer.flops_per_token,
+        "tokens_per_step": trainer.tokens_per_step,
+        "train_data": str(trainer.train_dir),
+        "val_data": str(trainer.val_dir) if trainer.val_dir else None,
+        "resumed_from": str(trainer.resumed_from) if trainer.resumed_from else None,
+        "start_step": trainer.step,
+        "hostname": platform.node(),
+        "command": sys.argv,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    })
+    from lunaris.data import tokenizer_path
+    tokenizer = tokenizer_path(cfg.data_dir)
+    if tokenizer is not None and not (out_dir / "tokenizer.json").exists():
+        atomic_write_text(out_dir / "tokenizer.json", Path(tokenizer).read_text(encoding="utf-8"))
+
+
+# Passes over the training data above which a run is warned: small corpora overfit (the validation loss rises while
+# the training loss keeps falling); a few epochs are common and harmless.
+MANY_EPOCHS = 4.0
+
+
+def banner(trainer) -> list:
+    """The lines a run starts with: model, batch, machine, precision, parallelism, where it starts, how many times
+    it will see its data (and a warning when that is many)."""
+    cfg, info = trainer.config, trainer.info
+    where = f"{info.world_size} x {device_name(info.device)}" if info.is_distributed else device_name(info.device)
+    mode = {"single": "single process"}.get(trainer.parallelism, trainer.parallelism)
+    start = (f"resuming from {trainer.resumed_from} at step {trainer.step}" if trainer.resumed_from
+             else "starting at step 0")
+    lines = [f"lunaris train: {trainer.num_params / 1e6:.2f}M parameters, {trainer.tokens_per_step:,} tokens/step "
+             f"({cfg.batch_size} x {trainer.seq_len} x accum {cfg.gradient_accumulation_steps} x {info.world_size} "
+             f"proc), {where}, {DTYPE_NAMES[trainer.dtype]}, {mode}; {start} of {cfg.max_steps}; writing to "
+             f"{trainer.out_dir}"]
+    steps_per_epoch = trainer.loader.batches_per_epoch / cfg.gradient_accumulation_steps
+    epochs = cfg.max_steps / steps_per_epoch
+    data_tokens = trainer.loader.batches_per_epoch * cfg.batch_size * trainer.seq_len * info.world_size
+    lines.append(f"data: {data_tokens:,} training tokens per epoch; {cfg.max_steps} steps = {epochs:.2f} epochs")
+    if epochs > MANY_EPOCHS:
+        lines.append(f"warning: the run passes over its training data {epochs:.1f} times; with this little data the "
+                     f"model will memorize it and the validation loss will rise. Prepare more text, or lower "
+                     f"max_steps to about {int(MANY_EPOCHS * steps_per_epoch)} (watch val/loss, eval_interval).")
+    return lines

@@ -1,0 +1,141 @@
+"""The trainer's checkpointing: which checkpoint to resume from, restoring it, and saving, with single-process,
+DDP and FSDP runs behind one interface.
+
+The file formats and atomic writes are in checkpoint.py; this module decides what goes into them and who writes:
+rank 0 alone writes a whole-model file (single process, DDP), every rank writes its shards (FSDP).
+"""
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+from lunaris.errors import CheckpointError, LunarisError
+from lunaris.train import checkpoint as ckpt
+from lunaris.train.distributed import DistInfo, gather_objects, raise_together
+
+
+def check_out_dir_writable(out_dir: Path) -> None:
+    """Create `out_dir` and write a probe file, so a bad path fails now rather than at the first save."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as exc:
+        raise LunarisError(f"out_dir {out_dir} is not writable ({exc.strerror or exc}): checkpoints and "
+                           f"metrics could not be saved. Choose another out_dir (e.g. --out_dir=runs/my-run) or "
+                           f"fix the directory's permissions and free space.") from None
+
+
+def describe_error(exc: BaseException) -> str:
+    """`Outer: Root: first line of the root cause` (compiler errors wrap the real one)."""
+    root = exc
+    while (inner := getattr(root, "inner_exception", None) or root.__cause__) is not None and inner is not root:
+        root = inner
+    text = (str(root).strip().split("\n") or [""])[0][:300]
+    names = type(exc).__name__ if root is exc else f"{type(exc).__name__}: {type(root).__name__}"
+    return f"{names}: {text}"
+
+
+class Checkpointer:
+    """Resume and save for one run in `out_dir`. Every method with collectives is called on every rank."""
+
+    def __init__(self, config, info: DistInfo, fsdp: bool):
+        self.config, self.info, self.fsdp = config, info, fsdp
+        self.out_dir = Path(config.out_dir)
+        self.resume_path: Optional[Path] = None
+
+    # ---- resuming ----
+    def choose(self, resume) -> Optional[Path]:
+        """None/True: out_dir's newest checkpoint, if any; False: none (start at step 0); else that path."""
+        if resume is False:
+            latest = ckpt.find_latest(self.out_dir)
+            if latest is not None and self.info.is_main:
+                print(f"--no-resume: starting at step 0 although {self.out_dir} holds checkpoints "
+                      f"(newest: {latest.name}); they will be replaced as this run saves.", file=sys.stderr)
+            return None
+        if resume is None or resume is True:
+            return ckpt.find_latest(self.out_dir)
+        return ckpt.resolve_checkpoint_path(resume)
+
+    def load_state(self, resume) -> Optional[dict]:
+        """The state to resume from (everything but an FSDP checkpoint's sharded tensors), checked against the
+        config; None to start fresh. Raises CheckpointError for a checkpoint this run cannot continue."""
+        self.resume_path = path = self.choose(resume)
+        if path is None:
+            return None
+        is_dcp = path.is_dir()
+        if is_dcp != self.fsdp:
+            written = "an FSDP run (a torch.distributed.checkpoint directory)" if is_dcp else "a DDP/single-process run"
+            running = "parallelism: fsdp with several processes" if self.fsdp else "DDP or a single process"
+            raise CheckpointError(f"Checkpoint {path} was written by {written}, but this run uses {running}. "
+                                  f"Resume it with the same parallelism (and torchrun) it was trained with, or "
+                                  f"start a new out_dir with --no-resume.")
+        state = ckpt._torch_load(path / ckpt.TRAINER_STATE) if is_dcp else ckpt.load_checkpoint_file(path)
+        saved_model = (state.get("config") or {}).get("model") or {}
+        current = self.config.model.__dict__
+        differences = [f"model.{key}: checkpoint {saved_model.get(key)!r}, config {current[key]!r}"
+                       for key in current if saved_model.get(key, current[key]) != current[key]]
+        if differences:
+            raise CheckpointError(f"Checkpoint {path} was trained with a different model than the config describes "
+                                  f"({'; '.join(differences)}). Use the checkpoint's settings, or start a new run "
+                                  f"with --no-resume or another out_dir.")
+        return state
+
+    def agree_on_step(self, state: Optional[dict]) -> None:
+        """Every rank must resume from the same step (multi-node runs need out_dir on a shared filesystem)."""
+        steps = gather_objects(-1 if state is None else int(state["step"]))
+        if len(set(steps)) > 1:
+            raise CheckpointError(f"Ranks found different checkpoints to resume from (steps by rank: {steps}). "
+                                  f"out_dir {self.out_dir} must be on a filesystem every node sees, with the same "
+                                  f"contents; or pass the same --resume PATH to every node.")
+
+    def restore_model(self, model, state: dict) -> None:
+        """Whole-model weights, before FSDP sharding (FSDP's come with the optimizer in restore_optimizer)."""
+        if not self.fsdp:
+            self._load_into(model.load_state_dict, ckpt.clean_state_dict(state["model"]), "model weights")
+
+    def restore_optimizer(self, model, optimizer, state: dict) -> None:
+        if not self.fsdp:
+            self._load_into(optimizer.load_state_dict, state["optimizer"], "optimizer state")
+            return
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        model_state, optim_state = get_state_dict(model, optimizer)
+        tensors = {"model": model_state, "optimizer": optim_state}
+        dcp.load(tensors, checkpoint_id=str(self.resume_path))
+        set_state_dict(model, optimizer, model_state_dict=tensors["model"], optim_state_dict=tensors["optimizer"])
+
+    def _load_into(self, load, saved, what: str) -> None:
+        try:
+            load(saved)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"The {what} in {self.resume_path} do not fit this model ({describe_error(exc)}). "
+                                  f"The checkpoint was written by another version of Lunaris or for another "
+                                  f"architecture; start a new run with --no-resume or another out_dir.") from None
+
+    # ---- saving ----
+    def save(self, model, optimizer, trainer_state: dict, step: int, final: bool) -> Path:
+        """Write the checkpoint of `step` (model, optimizer and `trainer_state`); returns its path."""
+        cfg = self.config
+        update_latest = cfg.save_latest_always or final
+        if self.fsdp:
+            return ckpt.save_distributed_checkpoint(model, optimizer, trainer_state, self.out_dir, step,
+                                                    cfg.keep_last, update_latest, self.info.rank)
+        path, error = self.out_dir / f"ckpt_{step}.pt", None
+        if self.info.is_main:
+            state = {**trainer_state, "model": ckpt.clean_state_dict(model.state_dict()),
+                     "optimizer": optimizer.state_dict()}
+            try:
+                ckpt.save_checkpoint(state, self.out_dir, step, cfg.keep_last, update_latest)
+            except OSError as exc:
+                error = CheckpointError(
+                    f"could not write checkpoint {path} ({exc.strerror or exc}); the previous checkpoint in "
+                    f"{self.out_dir} is intact. Free disk space (lower keep_last) or choose another out_dir, "
+                    f"then restart the same command to resume.")
+        raise_together(error, self.info)  # also the barrier: no rank runs ahead of a failed save
+        return path

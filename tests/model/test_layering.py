@@ -1,0 +1,42 @@
+"""The model package depends on nothing above it: only torch, the standard library, lunaris.config and errors.
+
+Export embeds the model package's files as the remote modeling code, and a reader of the model should never
+have to open the trainer; so no file under lunaris/model imports any other part of Lunaris, at any level
+(inside functions too).
+"""
+
+import ast
+from pathlib import Path
+
+import lunaris.model
+
+ALLOWED = ("lunaris.model", "lunaris.config", "lunaris.errors")
+
+
+def lunaris_imports(path: Path) -> list:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = [node.module or ""]
+        elif isinstance(node, ast.ImportFrom):  # relative: resolve against the package
+            names = ["lunaris.model" + ("." + node.module if node.module else "")] if node.level == 1 else ["lunaris"]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        else:
+            continue
+        found += [(node.lineno, name) for name in names if name.split(".")[0] == "lunaris"]
+    return found
+
+
+def test_model_files_import_only_the_model_package_config_and_errors():
+    files = sorted(Path(lunaris.model.__file__).parent.glob("*.py"))
+    assert len(files) >= 5
+    upward = [f"{path.name}:{line} imports {name}" for path in files for line, name in lunaris_imports(path)
+              if not any(name == allowed or name.startswith(allowed + ".") for allowed in ALLOWED)]
+    assert not upward, upward
+
+
+def test_the_check_sees_imports_inside_functions(tmp_path):
+    path = tmp_path / "example.py"
+    path.write_text("def f():\n    from lunaris.train.checkpoint import load_checkpoint_file\n")
+    assert lunaris_imports(path) == [(2, "lunaris.train.checkpoint")]
