@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from lunaris import LunarisCodex, LunarisCodexConfig, TrainConfig, load_config  # noqa: E402
 from lunaris.export import export_checkpoint  # noqa: E402
+from lunaris.runtime import END_OF_TEXT  # noqa: E402
 
 SIZES = {  # name: model config (a shipped preset, or LunarisCodexConfig overrides)
     "micro": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=4096, multiple_of=64),
@@ -49,7 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                   help="wall-clock time, or this process's CPU time (steadier on a shared machine; use with --threads 1)")
+                   help="wall-clock time, or this process's CPU time (steadier on a shared machine; "
+                        "use with --threads 1)")
     return p.parse_args(argv)
 
 
@@ -59,7 +61,7 @@ def make_tokenizer(path: Path) -> None:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=[END_OF_TEXT], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 10, trainer)
     tokenizer.save(str(path))

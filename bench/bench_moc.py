@@ -39,7 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                   help="wall-clock time, or this process's CPU time (steadier on a shared machine; use with --threads 1)")
+                   help="wall-clock time, or this process's CPU time (steadier on a shared machine; "
+                        "use with --threads 1)")
     p.add_argument("--quick", action="store_true", help="only the baseline comparison (no collab / IRL rows)")
     return p.parse_args(argv)
 

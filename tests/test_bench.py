@@ -1,5 +1,5 @@
 """`lunaris bench`: a tiny --quick run end to end (fields and consistency, never timings), the peak-memory
-worker, the bench/ script adapter, and clear errors for bad arguments."""
+worker, the bench/ script adapter, defaults taken from BenchSettings, and clear errors for bad arguments."""
 
 import json
 import statistics
@@ -9,13 +9,13 @@ import torch
 
 from lunaris import cli
 from lunaris.bench import (
+    DEVICE_DEFAULTS,
+    QUICK_DEFAULTS,
     BenchSettings,
     llama_config,
     lunaris_config,
     markdown_tables,
     measure_memory,
-    resolve_settings,
-    run_script,
 )
 
 
@@ -75,18 +75,26 @@ def test_markdown_tables_are_parsed_into_rows():
     assert markdown_tables(text) == [[["a", "b"], ["x", "1.5"]], [["c"], ["y"]]]
 
 
-def test_missing_bench_script_is_reported_as_skipped(monkeypatch, tmp_path):
-    monkeypatch.setattr("lunaris.bench.bench_scripts_dir", lambda: tmp_path)
-    assert "not found" in run_script("generate", resolve_settings(quick=True))["skipped"]
+def test_settings_left_at_none_take_the_device_and_quick_defaults():
+    settings = BenchSettings()
+    assert {name: getattr(settings, name) for name in DEVICE_DEFAULTS["cpu"]} == DEVICE_DEFAULTS["cpu"]
+    quick = BenchSettings(quick=True, batch=3)
+    assert quick.batch == 3 and quick.seq_len == QUICK_DEFAULTS["seq_len"] and quick.compile is False
+    assert (settings.memory, settings.moc, settings.scripts, settings.repo) == (True, True, True, None)
+    # the parser's defaults are the dataclass's: no options given, the same settings
+    args = cli.build_parser().parse_args(["bench"])
+    assert BenchSettings.from_args(args) == settings
 
 
 BAD_ARGUMENTS = [
     (["--sizes", "7b"], "unknown size(s) 7b"),
     (["--batch", "0"], "--batch must be at least 1"),
     (["--json", "/nonexistent-dir/b.json"], "does not exist"),
+    # no bench/ scripts there: a clear error before measuring, not a run without them
+    (["--repo", "/nonexistent-checkout"], "pass --no-scripts"),
 ]
 if not torch.cuda.is_available():  # on a GPU machine --device cuda is valid
-    BAD_ARGUMENTS.append((["--device", "cuda"], "sees no CUDA GPU"))
+    BAD_ARGUMENTS.append((["--device", "cuda"], "no CUDA GPU is visible"))
 
 
 @pytest.mark.parametrize("argv, message", BAD_ARGUMENTS)

@@ -5,10 +5,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+import lunaris
 from lunaris import ConfigError, LunarisCodexConfig, TrainConfig, load_config
 from lunaris.cli import main
+from lunaris.config import model_config_from_dict
 
 FIXTURES = Path(__file__).parent / "fixtures"
+DEMO_PRESET = Path(lunaris.__file__).parent / "presets" / "demo-cpu.yaml"
 
 
 def write_yaml(tmp_path, data, name="c.yaml"):
@@ -65,7 +68,6 @@ def test_yaml_strings_like_1e_minus_3_become_numbers(tmp_path):
     ({"model": {"n_experts": 4, "top_k": 5}}, "top_k (5) must be <= model.n_experts (4)"),
     ({"model": {"n_layers": 0}}, "model.n_layers must be a positive integer"),
     ({"model": {"dropout": 1.0}}, "model.dropout must be in [0, 1)"),
-    ({"warmup_steps": 500, "max_steps": 100}, "warmup_steps (500) must not exceed max_steps (100)"),
     ({"learning_rat": 1e-3}, "unknown key 'learning_rat' (did you mean 'learning_rate'?)"),
     ({"model": {"d_modle": 64}}, "unknown key 'model.d_modle' (did you mean 'd_model'?)"),
     ({"d_model": 64}, "belongs under 'model:'"),
@@ -90,6 +92,112 @@ def test_every_problem_is_reported_at_once(tmp_path):
     assert "4 problems" in message
     for fragment in ("divisible by model.n_heads", "model.dropout", "learning_rate must be positive", "batch_size"):
         assert fragment in message
+
+
+def problem_lines(error) -> list:
+    """The heading and the '  - ' lines of a ConfigError."""
+    heading, *lines = str(error.value).split("\n")
+    assert all(line.startswith("  - ") for line in lines)
+    return heading, [line[4:] for line in lines]
+
+
+def test_unknown_key_does_not_hide_an_invalid_value(tmp_path):
+    path = write_yaml(tmp_path, "learnig_rate: 1e-3\nmodel:\n  n_heads: 7\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    heading, lines = problem_lines(info)
+    assert heading == f"{path} has 2 problems:"
+    assert lines == ["unknown key 'learnig_rate' (did you mean 'learning_rate'?).",
+                     "model.d_model (768, the default) must be divisible by model.n_heads (7)."]
+
+
+def test_unknown_model_key_does_not_hide_a_bad_type_or_value_elsewhere(tmp_path):
+    path = write_yaml(tmp_path, {"model": {"d_modle": 64, "dropout": 1.5}, "batch_size": "big", "dtype": "fp8"})
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    heading, lines = problem_lines(info)
+    assert heading.endswith("has 4 problems:")
+    assert "unknown key 'model.d_modle' (did you mean 'd_model'?)." in lines
+    assert "batch_size must be an integer, got 'big'." in lines
+    assert "model.dropout must be in [0, 1), got 1.5." in lines
+    assert "dtype must be one of auto, bf16, fp16, fp32, got 'fp8'." in lines
+
+
+def test_bad_override_and_bad_file_value_are_reported_together(tmp_path):
+    path = write_yaml(tmp_path, {"model": {"d_model": 64, "n_heads": 4}, "learning_rate": -1.0})
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["--learnig_rate=1e-3", "--max_steps=ten", "stray", "--min_lr"])
+    heading, lines = problem_lines(info)
+    assert heading == f"{path} with 4 command-line overrides has 5 problems:"
+    assert lines == [
+        "override 'stray' must look like --key=value or --model.key=value.",
+        "override '--min_lr' has no value; write it as --min_lr=VALUE.",
+        "unknown key 'learnig_rate' in --learnig_rate=1e-3 (did you mean '--learning_rate'?).",
+        "max_steps must be an integer, got 'ten' (from --max_steps=ten).",
+        "learning_rate must be positive, got -1.0.",
+    ]
+
+
+def test_every_kind_of_problem_at_once(tmp_path):
+    path = write_yaml(tmp_path, {"d_model": 64, "model": {"n_heads": 5, "top_k": "two"}, "beta1": 1.0})
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["--model.n_kv_heads=2", "--model.learning_rate=1", "--model=small"])
+    heading, lines = problem_lines(info)
+    assert heading.endswith("with 3 command-line overrides has 7 problems:")
+    for expected in ("override '--model=small' sets the whole model section",
+                     "unknown key 'd_model' (did you mean 'model.d_model'? it belongs under 'model:').",
+                     "model.top_k must be an integer, got 'two'.",
+                     "unknown key 'model.learning_rate' in --model.learning_rate=1 (did you mean '--learning_rate'?).",
+                     "model.d_model (768, the default) must be divisible by model.n_heads (5).",
+                     "model.n_heads (5) must be divisible by model.n_kv_heads (2, from --model.n_kv_heads=2).",
+                     "beta1 must be in [0, 1), got 1.0."):
+        assert sum(expected in line for line in lines) == 1, expected
+
+
+def test_a_value_of_the_wrong_type_is_not_judged_again(tmp_path):
+    # d_model cannot be typed: its default must not be reported as indivisible by n_heads
+    path = write_yaml(tmp_path, {"model": {"d_model": "wide", "n_heads": 7}})
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert problem_lines(info)[1] == ["model.d_model must be an integer, got 'wide'."]
+
+
+def test_problems_name_the_override_that_set_a_value():
+    with pytest.raises(ConfigError) as info:
+        load_config(DEMO_PRESET, ["--max_steps=10", "--model.n_heads=3", "--dtype", "bf61"])
+    heading, lines = problem_lines(info)
+    assert heading == f"{DEMO_PRESET} with 3 command-line overrides has 3 problems:"
+    assert lines == [
+        "model.d_model (256) must be divisible by model.n_heads (3, from --model.n_heads=3).",
+        "model.n_heads (3, from --model.n_heads=3) must be divisible by model.n_kv_heads (2).",
+        "dtype must be one of auto, bf16, fp16, fp32, got 'bf61' (from --dtype bf61) (did you mean 'bf16'?).",
+    ]
+    with pytest.raises(ConfigError) as info:  # dict overrides (from code) are named the same way
+        load_config(DEMO_PRESET, {"model": {"top_k": 9, "n_experts": 4}})
+    assert problem_lines(info) == (
+        f"{DEMO_PRESET} with 1 override has 1 problem:",
+        ["model.top_k (9, from --model.top_k=9) must be <= model.n_experts (4, from --model.n_experts=4)."])
+
+
+def test_a_warmup_longer_than_the_run_is_allowed():
+    # `lunaris train configs/demo-cpu.yaml --max_steps=10`: the run ends during the 40-step warmup
+    config = load_config(DEMO_PRESET, ["--max_steps=10"])
+    assert (config.warmup_steps, config.max_steps) == (40, 10)
+    assert load_config(None, {"warmup_steps": 500, "max_steps": 100}).warmup_steps == 500
+
+
+def test_string_overrides_keep_their_text():
+    config = load_config(DEMO_PRESET, ["--wandb_run_name=007", "--max-steps", "1_000"])
+    assert config.wandb_run_name == "007" and config.max_steps == 1000
+
+
+def test_model_config_from_dict_reports_every_problem():
+    with pytest.raises(ConfigError) as info:
+        model_config_from_dict({"d_model": 64, "n_heads": 3, "n_layer": 2}, source="model config in x.pt")
+    heading, lines = problem_lines(info)
+    assert heading == "model config in x.pt has 2 problems:"
+    assert lines == ["unknown key 'model.n_layer' (did you mean 'n_layers'?).",
+                     "model.d_model (64) must be divisible by model.n_heads (3)."]
 
 
 def test_missing_and_malformed_files(tmp_path):
@@ -124,6 +232,13 @@ def test_cli_prints_config_error_without_traceback_and_exits_2(tmp_path, capsys)
     assert main(["config", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "Traceback" not in err and "divisible" in err
+
+
+def test_cli_error_heading_names_the_overrides(capsys):
+    assert main(["config", str(DEMO_PRESET), "--max_steps=10", "--model.n_heads=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {DEMO_PRESET} with 2 command-line overrides has 2 problems:")
+    assert "model.n_heads (3, from --model.n_heads=3)" in err
 
 
 def test_cli_config_shows_parameter_count(tmp_path, capsys):

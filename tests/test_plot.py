@@ -6,7 +6,7 @@ import pytest
 
 from lunaris.cli import main
 from lunaris.errors import LunarisError
-from lunaris.plot import read_metrics, utilization_layers
+from lunaris.plot import panels_for, read_metrics, utilization_layers
 
 
 def write_metrics(run_dir, moc=True):
@@ -15,6 +15,7 @@ def write_metrics(run_dir, moc=True):
         record = {"step": step, "loss/total": 5 - step / 50, "loss/main": 4.9 - step / 50, "lr": 1e-3,
                   "grad_norm": 1.0, "throughput/tokens_per_sec": 1000.0}
         if moc:
+            record["loss/aux"] = 0.1
             record.update({f"experts/util_layer{layer}/e{e}": 0.25 for layer in (1, 3) for e in range(4)})
         lines.append(json.dumps(record))
         if step % 50 == 0:
@@ -47,3 +48,9 @@ def test_plot_of_a_directory_without_metrics_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text("")
     with pytest.raises(LunarisError, match="no metrics yet"):
         read_metrics(tmp_path)
+
+
+def test_a_dense_run_draws_loss_total_once_and_a_moc_run_draws_main_and_total(tmp_path):
+    for moc, expected in ((False, ["loss/total", "val/loss"]), (True, ["loss/total", "loss/main", "val/loss"])):
+        write_metrics(tmp_path, moc=moc)
+        assert dict(panels_for(read_metrics(tmp_path)))["loss"] == expected

@@ -18,14 +18,19 @@ What is measured, all in one process on one machine, each figure after warm-up, 
   warm-up step: on CPU the peak resident memory (Linux VmHWM, reset before the step), on CUDA
   `max_memory_allocated`; `+MiB` is the growth during the step (activations and gradients) over
   the model, optimizer state and inputs held before it.
-- The data-loader, generation and MoC-layer figures of the scripts in the repository's `bench/`
-  folder (run as subprocesses; their markdown tables are copied into the report).
+- The data-loader, generation and MoC-layer figures of the scripts in the `bench/` folder of a source
+  checkout (--repo, default the current directory; run as subprocesses, their markdown tables copied
+  into the report). An installed Lunaris has no such folder: run from a checkout or pass --no-scripts.
 
 Output: a markdown table on stdout, and with --json a file with the machine, versions, command, git
 commit, settings, every raw timing and the targets.
+
+Every default is written once, in BenchSettings; the `lunaris bench` parser (add_arguments) takes them
+from there, and a setting left at None takes its value from DEVICE_DEFAULTS or QUICK_DEFAULTS.
 """
 
-import contextlib
+import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -35,7 +40,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -43,6 +48,17 @@ import torch
 
 from lunaris.errors import LunarisError
 from lunaris.fileio import atomic_write_json
+from lunaris.runtime import (
+    autocast,
+    cpu_name,
+    device_name,
+    enable_tf32,
+    git_commit,
+    peak_flops_per_device,
+    resolve_device,
+    resolve_dtype,
+    set_threads,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Model shapes
@@ -56,15 +72,20 @@ SIZES = {
     "350m": dict(vocab_size=32000, d_model=1024, n_layers=24, n_heads=16, n_kv_heads=8, ffn_hidden_size=3072),  # 335M
     "1b": dict(vocab_size=32000, d_model=2048, n_layers=20, n_heads=32, n_kv_heads=8, ffn_hidden_size=5632),  # 967M
 }
-DEFAULT_SIZES = {"cpu": ["30m", "100m"], "cuda": ["350m", "1b"]}
-QUICK_SIZES = ["tiny"]
-# (sequence length, batch) per device; --seq-len / --batch override.
-DEFAULT_SHAPE = {"cpu": (256, 4), "cuda": (2048, 8)}
-QUICK_SHAPE = (32, 2)
 MOC_EXPERTS, MOC_TOP_K = 8, 2
 MOC_NAME = f"lunaris MoC top-{MOC_TOP_K}/{MOC_EXPERTS}"
 
-TARGETS = {  # issue 8
+# What a BenchSettings field left at None becomes, per device, and with --quick (a smoke test in seconds).
+DEVICE_DEFAULTS = {
+    "cpu": dict(sizes=["30m", "100m"], seq_len=256, batch=4, warmup=2, repeats=7, compile=True),
+    "cuda": dict(sizes=["350m", "1b"], seq_len=2048, batch=8, warmup=2, repeats=7, compile=True),
+}
+QUICK_DEFAULTS = dict(sizes=["tiny"], seq_len=32, batch=2, warmup=1, repeats=3, compile=False)
+# fp32 on CPU (bf16 matmuls are slow there); bf16 autocast over fp32 weights on CUDA.
+PRECISION = {"cpu": "fp32", "cuda": "bf16"}
+
+# The project's performance targets (a --quick run's tiny model is not checked against them).
+TARGETS = {
     "cpu": {"vs_llama": 1.10, "mfu_measured": 0.75, "moc_vs_dense": 0.75},
     "cuda": {"mfu_peak": 0.50, "moc_mfu_peak": 0.40},
 }
@@ -72,54 +93,95 @@ TARGETS = {  # issue 8
 
 @dataclass
 class BenchSettings:
+    """Every option of `lunaris bench` and its default (None: from DEVICE_DEFAULTS / QUICK_DEFAULTS).
+
+    Construction fills those in and checks every value (LunarisError), so a settings object is always complete.
+    """
     device: str = "cpu"
     quick: bool = False
-    sizes: list = field(default_factory=list)
-    seq_len: int = 256
-    batch: int = 4
-    warmup: int = 2
-    repeats: int = 7
-    threads: Optional[int] = None
-    compile: bool = True
+    sizes: Optional[list] = None
+    seq_len: Optional[int] = None
+    batch: Optional[int] = None
+    warmup: Optional[int] = None
+    repeats: Optional[int] = None
+    threads: Optional[int] = None  # None: torch's choice
+    compile: Optional[bool] = None
     memory: bool = True
     moc: bool = True
     scripts: bool = True
+    repo: Optional[str] = None  # the source checkout whose bench/ scripts run; None: the current directory
+
+    def __post_init__(self):
+        if self.device not in DEVICE_DEFAULTS:
+            raise LunarisError(f"lunaris bench --device must be cpu or cuda, got {self.device!r}.")
+        resolve_device(self.device)  # a clear error when CUDA is asked for and absent
+        for name, value in (QUICK_DEFAULTS if self.quick else DEVICE_DEFAULTS[self.device]).items():
+            if getattr(self, name) is None:
+                setattr(self, name, list(value) if isinstance(value, list) else value)
+        self.sizes = list(self.sizes)
+        unknown = [s for s in self.sizes if s not in SIZES]
+        if unknown or not self.sizes:
+            raise LunarisError(f"lunaris bench --sizes: unknown size(s) {', '.join(unknown) or '(none given)'}; "
+                               f"choose from {', '.join(SIZES)}.")
+        for name in ("seq_len", "batch", "repeats"):
+            if getattr(self, name) < 1:
+                raise LunarisError(f"lunaris bench --{name.replace('_', '-')} must be at least 1, "
+                                   f"got {getattr(self, name)}.")
+        if self.warmup < 0 or (self.threads is not None and self.threads < 1):
+            raise LunarisError("lunaris bench: --warmup must be >= 0 and --threads >= 1.")
+        resolve_dtype(self.dtype_name, torch.device(self.device))  # a GPU without bf16: an error now
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "BenchSettings":
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
     @property
     def dtype_name(self) -> str:
-        """fp32 on CPU (bf16 matmuls are slow there); bf16 autocast over fp32 weights on CUDA."""
-        return "bf16" if self.device == "cuda" else "fp32"
+        return PRECISION[self.device]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return resolve_dtype(self.dtype_name, torch.device(self.device))
 
 
-def resolve_settings(device: str = "cpu", quick: bool = False, sizes=None, seq_len=None, batch=None,
-                     warmup=None, repeats=None, threads=None, compile=None, memory=True, moc=True,
-                     scripts=True) -> BenchSettings:
-    """Defaults for the device and mode, with every explicit choice kept; raises LunarisError for bad values."""
-    if device not in ("cpu", "cuda"):
-        raise LunarisError(f"lunaris bench --device must be cpu or cuda, got {device!r}.")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise LunarisError("lunaris bench --device cuda: this torch build sees no CUDA GPU "
-                           f"(torch {torch.__version__}); run with --device cpu or on a GPU machine.")
-    sizes = list(sizes) if sizes else (QUICK_SIZES if quick else DEFAULT_SIZES[device])
-    unknown = [s for s in sizes if s not in SIZES]
-    if unknown:
-        raise LunarisError(f"lunaris bench --sizes: unknown size(s) {', '.join(unknown)}; "
-                           f"choose from {', '.join(SIZES)}.")
-    default_seq, default_batch = QUICK_SHAPE if quick else DEFAULT_SHAPE[device]
-    settings = BenchSettings(
-        device=device, quick=quick, sizes=sizes, seq_len=default_seq if seq_len is None else seq_len,
-        batch=default_batch if batch is None else batch,
-        warmup=warmup if warmup is not None else (1 if quick else 2),
-        repeats=repeats if repeats is not None else (3 if quick else 7),
-        threads=threads, compile=(not quick) if compile is None else compile,
-        memory=memory, moc=moc, scripts=scripts)
-    for name in ("seq_len", "batch", "repeats"):
-        if getattr(settings, name) < 1:
-            raise LunarisError(f"lunaris bench --{name.replace('_', '-')} must be at least 1, "
-                               f"got {getattr(settings, name)}.")
-    if settings.warmup < 0 or (threads is not None and threads < 1):
-        raise LunarisError("lunaris bench: --warmup must be >= 0 and --threads >= 1.")
-    return settings
+def _defaults_help(name: str) -> str:
+    """'default 256 on CPU, 2048 on CUDA, 32 with --quick', from DEVICE_DEFAULTS and QUICK_DEFAULTS."""
+    def show(value):
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return " ".join(value) if isinstance(value, list) else str(value)
+    cpu, cuda = show(DEVICE_DEFAULTS["cpu"][name]), show(DEVICE_DEFAULTS["cuda"][name])
+    by_device = cpu if cpu == cuda else f"{cpu} on CPU, {cuda} on CUDA"
+    return f"default {by_device}, {show(QUICK_DEFAULTS[name])} with --quick"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `lunaris bench`, one per BenchSettings field (plus --json), with its defaults."""
+    s = BenchSettings  # the class attributes are the fields' defaults
+    p.add_argument("--quick", action="store_true", default=s.quick,
+                   help="a smoke test in seconds: the smallest model, few rounds, no compile")
+    p.add_argument("--json", metavar="FILE", help="also write every figure, the machine and the command to FILE")
+    p.add_argument("--device", default=s.device, choices=tuple(DEVICE_DEFAULTS),
+                   help="where to run (default %(default)s)")
+    p.add_argument("--sizes", nargs="+", metavar="SIZE", default=s.sizes,
+                   help=f"model sizes: {' '.join(SIZES)} ({_defaults_help('sizes')})")
+    p.add_argument("--seq-len", type=int, default=s.seq_len, help=f"sequence length ({_defaults_help('seq_len')})")
+    p.add_argument("--batch", type=int, default=s.batch, help=f"sequences per step ({_defaults_help('batch')})")
+    p.add_argument("--repeats", type=int, default=s.repeats,
+                   help=f"timed rounds; the median is reported ({_defaults_help('repeats')})")
+    p.add_argument("--warmup", type=int, default=s.warmup,
+                   help=f"untimed steps of each side first ({_defaults_help('warmup')})")
+    p.add_argument("--threads", type=int, default=s.threads,
+                   help="torch.set_num_threads (default: torch's choice; reported)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=s.compile,
+                   help=f"also time torch.compile'd Lunaris ({_defaults_help('compile')})")
+    p.add_argument("--no-memory", dest="memory", action="store_false", default=s.memory,
+                   help="skip the peak-memory subprocesses")
+    p.add_argument("--no-moc", dest="moc", action="store_false", default=s.moc, help="skip MoC top-2/8 vs dense")
+    p.add_argument("--no-scripts", dest="scripts", action="store_false", default=s.scripts,
+                   help="skip the bench/ scripts of the source checkout")
+    p.add_argument("--repo", metavar="DIR", default=s.repo,
+                   help="the Lunaris source checkout whose bench/ scripts run (default: the current directory)")
 
 
 def lunaris_config(size: str, seq_len: int, moc: bool = False):
@@ -159,20 +221,26 @@ class Contender:
     error: Optional[str] = None
 
 
-def make_step(model, optimizer, idx, targets, device: str, hf: bool) -> Callable[[], None]:
-    """forward (bf16 autocast on CUDA), backward, AdamW step, zero_grad(set_to_none).
+def make_step(model, optimizer, idx, targets, dtype: torch.dtype, hf: bool) -> Callable[[], None]:
+    """forward (autocast in `dtype`), backward, AdamW step, zero_grad(set_to_none).
 
-    Llama gets `labels=idx` and shifts them itself; ours gets next-token targets: the same work.
+    Ours is the trainer's own step (lunaris.train.step: forward_backward, then update; without the gradient
+    norm, which transformers' side would not compute either). Llama gets `labels=idx` and shifts them itself;
+    ours gets next-token targets: the same work.
     """
-    precision = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" else contextlib.nullcontext
+    from lunaris.train.step import forward_backward, update
+    if not hf:
+        def step():
+            forward_backward(model, idx, targets, weight=1.0, accumulation=1, dtype=dtype)
+            update(optimizer, apply=True)
+        return step
 
-    def step():
-        with precision():
-            loss = model(input_ids=idx, labels=idx).loss if hf else model(idx, targets).loss
+    def hf_step():
+        with autocast(idx.device, dtype):
+            loss = model(input_ids=idx, labels=idx).loss
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return step
+        update(optimizer, apply=True)
+    return hf_step
 
 
 def lunaris_fuses_adamw(device: str) -> bool:
@@ -200,22 +268,22 @@ def build_contender(kind: str, size: str, settings: BenchSettings, compiled: boo
                                       fused=lunaris_fuses_adamw(device))  # the same AdamW as ours
         params = sum(p.numel() for p in model.parameters())
         name = "transformers LlamaForCausalLM"
-        return Contender(name, model, make_step(model, optimizer, idx, targets, device, hf=True), flops, params)
+        step = make_step(model, optimizer, idx, targets, settings.dtype, hf=True)
+        return Contender(name, model, step, flops, params)
     model = LunarisCodex(config).to(device).train()
     optimizer = model.configure_optimizers(weight_decay=0.1, learning_rate=3e-4, device_type=device)
     runnable = torch.compile(model) if compiled else model
     name = (MOC_NAME if kind == "lunaris-moc" else "lunaris") + (" compiled" if compiled else " eager")
-    return Contender(name, model, make_step(runnable, optimizer, idx, targets, device, hf=False), flops,
-                     model.num_params())
+    step = make_step(runnable, optimizer, idx, targets, settings.dtype, hf=False)
+    return Contender(name, model, step, flops, model.num_params())
 
 
 def matmul_probe(settings: BenchSettings):
     """(FLOPs, zero-argument function): square matmuls in the training dtype, the machine's dense rate."""
     n = {"cuda": 8192}.get(settings.device, 512 if settings.quick else 2048)
     calls = 10 if settings.device == "cuda" else 3
-    dtype = torch.bfloat16 if settings.device == "cuda" else torch.float32
-    a = torch.randn(n, n, device=settings.device, dtype=dtype)
-    b = torch.randn(n, n, device=settings.device, dtype=dtype)
+    a = torch.randn(n, n, device=settings.device, dtype=settings.dtype)
+    b = torch.randn(n, n, device=settings.device, dtype=settings.dtype)
 
     def probe():
         for _ in range(calls):
@@ -347,8 +415,9 @@ def measure_memory(kind: str, size: str, compiled: bool, settings: BenchSettings
 def memory_worker(spec: dict) -> dict:
     """Runs in the subprocess: the peak memory of one training step of one configuration, after a
     warm-up step (which compiles a compiled configuration and creates the optimizer state)."""
-    torch.set_num_threads(spec["threads"])
-    settings = BenchSettings(device=spec["device"], seq_len=spec["seq_len"], batch=spec["batch"])
+    settings = BenchSettings(device=spec["device"], seq_len=spec["seq_len"], batch=spec["batch"],
+                             threads=spec["threads"])
+    set_threads(settings.threads)
     contender = build_contender(spec["kind"], spec["size"], settings, compiled=spec["compiled"])
     contender.step()
     synchronize(settings.device)
@@ -413,7 +482,7 @@ def add_memory(rows: list, settings: BenchSettings, log) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The repository's bench/ scripts (data loader, generation, MoC layer)
+# The bench/ scripts of a source checkout (data loader, generation, MoC layer)
 # ---------------------------------------------------------------------------------------------
 
 SCRIPTS = {  # name: (file, quick arguments, full arguments)
@@ -423,10 +492,15 @@ SCRIPTS = {  # name: (file, quick arguments, full arguments)
 }
 
 
-def bench_scripts_dir() -> Optional[Path]:
-    """The repository's bench/ folder when lunaris runs from a checkout (an installed wheel has none)."""
-    folder = Path(__file__).resolve().parents[2] / "bench"
-    return folder if folder.is_dir() else None
+def bench_scripts_dir(settings: BenchSettings) -> Path:
+    """The bench/ folder of the checkout at --repo (default: the current directory); LunarisError without one."""
+    folder = Path(settings.repo or ".").resolve() / "bench"
+    missing = [file for file, _, _ in SCRIPTS.values() if not (folder / file).is_file()]
+    if missing:
+        raise LunarisError(f"lunaris bench runs the scripts in the bench/ folder of a Lunaris source checkout, and "
+                           f"{folder} has no {', '.join(missing)}. Run it from the checkout's root directory, point "
+                           f"--repo at the checkout, or pass --no-scripts (an installed Lunaris has no bench/ folder).")
+    return folder
 
 
 def markdown_tables(text: str) -> list:
@@ -445,10 +519,8 @@ def markdown_tables(text: str) -> list:
 
 
 def run_script(name: str, settings: BenchSettings) -> dict:
-    folder = bench_scripts_dir()
+    folder = bench_scripts_dir(settings)
     file, quick_args, full_args = SCRIPTS[name]
-    if folder is None or not (folder / file).is_file():
-        return {"skipped": f"bench/{file} not found (run lunaris bench from a source checkout)"}
     args = quick_args if settings.quick else full_args
     threads = ["--threads", str(torch.get_num_threads())] if name in ("moc_layer", "generate") else []
     command = [sys.executable, str(folder / file), *args, *threads]
@@ -466,30 +538,13 @@ def run_script(name: str, settings: BenchSettings) -> dict:
 # Machine, report
 # ---------------------------------------------------------------------------------------------
 
-def git_commit() -> Optional[dict]:
-    """The checkout's commit and whether tracked files differ from it; None outside a source checkout."""
-    root = Path(__file__).resolve().parents[2]
-    if not (root / "pyproject.toml").is_file():  # an installed package: no repository of ours around it
+def git_state() -> Optional[dict]:
+    """{"commit", "dirty"} of the Lunaris source tree (lunaris.runtime.git_commit); None for an installed copy."""
+    commit = git_commit()
+    if commit is None:
         return None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if commit.returncode != 0:
-        return None
-    return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    sha, _, dirty = commit.partition("+")
+    return {"commit": sha, "dirty": bool(dirty)}
 
 
 def machine_info(settings: BenchSettings) -> dict:
@@ -502,20 +557,13 @@ def machine_info(settings: BenchSettings) -> dict:
     except ImportError:
         info["transformers"] = None
     if settings.device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
+        info["gpu"] = device_name(torch.device("cuda"))
         info["cuda"] = torch.version.cuda
     return info
 
 
-def datasheet_peak(settings: BenchSettings) -> Optional[float]:
-    if settings.device != "cuda":
-        return None
-    from lunaris.train.logging import peak_flops_for_name
-    return peak_flops_for_name(torch.cuda.get_device_name())
-
-
 def check_targets(rows: list, settings: BenchSettings) -> list:
-    """The issue's targets, each with the measured value and whether it is met."""
+    """The TARGETS of this device, each with the measured value and whether it is met."""
     wanted = TARGETS[settings.device]
     checks = []
     for row in rows:
@@ -608,16 +656,16 @@ def check_json_path(path) -> None:
                            f"create it or choose another path.")
 
 
-
 def run_bench(settings: BenchSettings, command: str, log=None) -> dict:
     """Run every measurement of `settings`; return the report dict (see markdown_report for its fields)."""
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
-    # Set explicitly (and reported): torch's default is the number of physical cores.
-    torch.set_num_threads(settings.threads or torch.get_num_threads())
-    if settings.device == "cuda":  # as the trainer runs: TF32 for the fp32 matmuls outside autocast
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    peak = datasheet_peak(settings)
+    run_scripts = settings.scripts and settings.device == "cpu"
+    if run_scripts:
+        bench_scripts_dir(settings)  # no checkout: an error now, not after minutes of measuring
+    set_threads(settings.threads)  # torch's choice otherwise; reported either way
+    device = torch.device(settings.device)
+    enable_tf32(device)  # as the trainer runs: TF32 for the fp32 matmuls outside autocast
+    peak = peak_flops_per_device(device)
     rows = []
     for size in settings.sizes:
         rows += dense_comparison(size, settings, peak, log)
@@ -626,16 +674,15 @@ def run_bench(settings: BenchSettings, command: str, log=None) -> dict:
     if settings.memory:
         add_memory(rows, settings, log)
     scripts = {}
-    if settings.scripts and settings.device == "cuda":
-        scripts = {name: {"skipped": "CPU-only script; run lunaris bench --device cpu for it"} for name in SCRIPTS}
-    elif settings.scripts:
+    if run_scripts:
         for name in SCRIPTS:
             log(f"bench/{SCRIPTS[name][0]} ...")
             scripts[name] = run_script(name, settings)
-    settings_dict = {k: v for k, v in vars(settings).items()}
-    settings_dict["dtype"] = settings.dtype_name
+    elif settings.scripts:
+        scripts = {name: {"skipped": "CPU-only script; run lunaris bench --device cpu for it"} for name in SCRIPTS}
     return {"command": command, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "git": git_commit(), "machine": machine_info(settings), "settings": settings_dict,
+            "git": git_state(), "machine": machine_info(settings),
+            "settings": {**vars(settings), "dtype": settings.dtype_name},
             "peak_flops": peak, "results": rows, "scripts": scripts,
             # the targets are about the real sizes; a --quick run's tiny model says nothing about them
             "targets": [] if settings.quick else check_targets(rows, settings)}
@@ -647,13 +694,12 @@ def command_line(args) -> str:
     for name, value in vars(args).items():
         if name in ("func", "accepts_overrides", "command") or value is None:
             continue
-        flag = "--" + name.replace("_", "-")
-        if name == "compile":
-            words.append(flag if value else "--no-compile")
-        elif value is True:
-            words.append(flag)
-        elif value is not False:
-            words += [flag, *map(str, value if isinstance(value, list) else [value])]
+        flag = name.replace("_", "-")
+        if isinstance(value, bool):  # a switch: written where it differs from BenchSettings' default
+            if value != getattr(BenchSettings, name, False):
+                words.append(f"--{flag}" if value else f"--no-{flag}")
+        else:
+            words += [f"--{flag}", *map(str, value if isinstance(value, list) else [value])]
     return " ".join(words)
 
 

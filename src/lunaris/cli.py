@@ -146,8 +146,9 @@ def _add_device_args(p):
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="weights and compute precision (auto: bf16 on GPUs that support it, else fp32)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; small models "
-                                               "often decode fastest with 1, especially on a busy machine)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: 1 for models under 50M parameters on "
+                                               "a CPU, whose ops are too small for several threads; else torch's "
+                                               "choice, one per core)")
 
 
 def add_generate_parser(sub):

@@ -65,24 +65,21 @@ def unigram_baseline(data_dir: Path, vocab_size: int) -> float:
 def calibrate_steps(config, minutes: float) -> int:
     """Optimizer steps that fit in `minutes`, from timing a few real training steps of this model here."""
     from lunaris.model import LunarisCodex
-    from lunaris.train.trainer import resolve_dtype
-    device = torch.device("cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu")
+    from lunaris.runtime import resolve_device, resolve_dtype
+    from lunaris.train.step import train_step
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
     model = LunarisCodex(config.model).to(device)
     optimizer = model.configure_optimizers(0.1, config.learning_rate, device_type=device.type)
-    dtype = resolve_dtype(config.dtype, device)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None  # as the trainer runs fp16
     x = torch.randint(0, config.model.vocab_size, (config.batch_size, config.model.max_seq_len), device=device)
+    micro_batches = [(x, x)] * config.gradient_accumulation_steps
     timings = []
     for _ in range(4):
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = model(x, x).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        train_step(model, optimizer, micro_batches, dtype, config.grad_clip, scaler)  # returns floats: synchronized
         timings.append(time.perf_counter() - start)
-    per_step = sorted(timings[1:])[1] * config.gradient_accumulation_steps  # median of the warm steps
+    per_step = sorted(timings[1:])[1]  # median of the warm steps
     budget = minutes * 60 * 0.85  # leave room for evaluation and checkpoints
     return max(20, int(budget / per_step))
 
@@ -128,10 +125,13 @@ def run_demo(out="runs/demo", minutes: float = None, max_steps: int = None, arch
     from lunaris.train.trainer import train
     result = train(config)
 
-    echo("[3/5] evaluate on the validation split")
     from lunaris.evaluate import run_eval
     metrics = run_eval(run_dir, data=data_dir, device=device)
     baseline = unigram_baseline(data_dir, vocab_size)
+    # the trainer's val_loss covers its first eval_batches batches (fast, during training); this is the whole split
+    sampled = config.eval_batches * config.batch_size * config.model.max_seq_len
+    echo(f"[3/5] evaluate on the whole validation split: {metrics['tokens']:,} tokens (the trainer's val_loss above "
+         f"used its first {config.eval_batches} batches, {sampled:,} tokens)")
     echo(f"      validation loss {metrics['loss']:.3f} nats/token (perplexity {metrics['perplexity']:.1f}, "
          f"{metrics['bits_per_byte']:.3f} bits/byte); unigram baseline {baseline:.3f} nats/token")
     if metrics["loss"] < baseline:

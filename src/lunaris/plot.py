@@ -59,6 +59,16 @@ def utilization_layers(series: dict) -> dict:
     return dict(sorted(layers.items()))
 
 
+def panels_for(series: dict) -> list:
+    """[(title, metric names)] of the line panels, with only the metrics the run logged.
+
+    A dense run's loss/main equals its loss/total (no auxiliary loss): drawn once, not one line hiding the other.
+    """
+    dense = not any(series.get("loss/aux", ([], []))[1])
+    panels = [(title, [k for k in keys if k in series and not (dense and k == "loss/main")]) for title, keys in PANELS]
+    return [(title, keys) for title, keys in panels if keys]
+
+
 def plot_run(run_dir, out=None) -> Path:
     """Write the figure (PNG) and return its path: RUN_DIR/training.png unless `out` is given."""
     try:
@@ -72,8 +82,7 @@ def plot_run(run_dir, out=None) -> Path:
 
     series = read_metrics(run_dir)
     layers = utilization_layers(series)
-    panels = [(title, [k for k in keys if k in series]) for title, keys in PANELS]
-    panels = [(title, keys) for title, keys in panels if keys]
+    panels = panels_for(series)
     n_rows = len(panels) + len(layers)
     fig, axes = plt.subplots(n_rows, 1, figsize=(9, 2.6 * n_rows), squeeze=False)
     axes = axes[:, 0]

@@ -94,6 +94,12 @@ def enable_tf32(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+# Below this many parameters, generation and evaluation on a CPU default to one thread: a decode step's matrix-vector
+# products are too small for several threads to pay, and on a busy machine every op waits at the OpenMP barrier for
+# the slowest core (measured in BENCHMARKS.md, "Threads for small models").
+SMALL_MODEL_PARAMS = 50_000_000
+
+
 def set_threads(threads: Optional[int]) -> None:
     """Intra-op CPU threads (--threads); None leaves PyTorch's choice."""
     if threads is None:
@@ -101,6 +107,14 @@ def set_threads(threads: Optional[int]) -> None:
     if not isinstance(threads, int) or threads < 1:
         raise ConfigError(f"--threads must be a positive integer, got {threads!r}.")
     torch.set_num_threads(threads)
+
+
+def inference_threads(threads: Optional[int], num_params: int, device: torch.device) -> Optional[int]:
+    """The thread count for generation and evaluation: `threads` if given, else 1 for a small model on a CPU,
+    else None (PyTorch's choice)."""
+    if threads is not None:
+        return threads
+    return 1 if device.type == "cpu" and num_params < SMALL_MODEL_PARAMS else None
 
 
 # ---- what the machine is ---------------------------------------------------------------------------

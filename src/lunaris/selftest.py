@@ -20,6 +20,8 @@ import traceback
 import torch
 
 from lunaris.config import LunarisCodexConfig
+from lunaris.runtime import cpu_name, device_name, resolve_device
+from lunaris.train.step import train_step
 
 VOCAB, SEQ_LEN, BATCH = 64, 32, 8
 
@@ -66,7 +68,8 @@ def one_cpu_thread(device: torch.device):
 
 
 def check_model(name: str, overrides: dict, device: torch.device, steps: int) -> CheckResult:
-    """Train `steps` AdamW steps (loss must fall by 20%), then generate 8 tokens with the KV cache."""
+    """Train `steps` AdamW steps with the trainer's step (loss must fall by 20%), then generate 8 tokens with the
+    KV cache."""
     from lunaris.model import LunarisCodex
     try:
         torch.manual_seed(0)
@@ -77,12 +80,7 @@ def check_model(name: str, overrides: dict, device: torch.device, steps: int) ->
         model.train()
         losses = []
         for _ in range(steps):
-            x, y = synthetic_batch(successor, generator, device)
-            out = model(x, y)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            optimizer.step()
-            losses.append(float(out.main_loss.detach()))
+            losses.append(train_step(model, optimizer, [synthetic_batch(successor, generator, device)])["loss/main"])
         if not all(math.isfinite(v) for v in losses):
             return CheckResult(name, False, f"non-finite loss during training: {losses}")
         first, last = sum(losses[:2]) / 2, sum(losses[-2:]) / 2
@@ -140,15 +138,14 @@ def check_distributed() -> str:
 
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)}, {torch.cuda.device_count()} visible)"
+        return f"cuda ({device_name(device)}, {torch.cuda.device_count()} visible)"
     if device.type == "cpu":
-        return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        return f"cpu ({cpu_name()}, {torch.get_num_threads()} threads)"
     return device.type
 
 
 def run_selftest(device: str = "auto", steps: int = 30, compile_check: bool = True, out=print) -> int:
     """Run every check, print one line each; 0 when every model check passes, else 1."""
-    from lunaris.train.distributed import resolve_device
     start = time.perf_counter()
     resolved = resolve_device(device)
     out(f"lunaris selftest: torch {torch.__version__}, python {platform.python_version()}, "

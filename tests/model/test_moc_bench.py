@@ -15,7 +15,7 @@ def test_bench_prints_a_markdown_table(capsys):
     rows = [line for line in out.splitlines() if line.startswith("| ")]
     assert rows[0].startswith("| variant (forward + backward) | median ms | x dense")
     names = [row.split(" | ")[0].strip("| ").strip() for row in rows[1:]]
-    assert names == ["dense SwiGLU (hidden = K·H)", "MoC none, S=1 (auto backend)", "MoC none, S=1, padded bmm [E, C, D]",
-                     "routing + dispatch + combine only (experts = identity)", "MoC simple, S=1", "MoC mha, S=1",
-                     "MoC none, S=2", "MoC none, S=3"]
+    assert names == ["dense SwiGLU (hidden = K·H)", "MoC none, S=1 (auto backend)",
+                     "MoC none, S=1, padded bmm [E, C, D]", "routing + dispatch + combine only (experts = identity)",
+                     "MoC simple, S=1", "MoC mha, S=1", "MoC none, S=2", "MoC none, S=3"]
     assert "dispatch share of the baseline MoC layer" in out
