@@ -11,9 +11,10 @@ from tokenizers import Tokenizer
 from lunaris.cli import main
 from lunaris.data import ShardDataset, read_manifest
 from lunaris.data.prepare import PrepareOptions, prepare
-from lunaris.data.shards import file_sha256
+from lunaris.runtime import file_sha256
 
-WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "models", "read", "tokens", "from", "shards", "über", "naïve", "東京", "😀", "{}", "[]", "42", "3.14", "<|endoftext|>"]
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "models", "read", "tokens",
+         "from", "shards", "über", "naïve", "東京", "😀", "{}", "[]", "42", "3.14", "<|endoftext|>"]
 
 
 def make_docs(n, seed=0, min_words=3, max_words=60):
@@ -95,7 +96,8 @@ def test_weighted_mix_follows_weights_and_is_homogeneous(tmp_path):
     assert sources[0]["exhausted"] and not sources[1]["exhausted"]  # a runs out first: the mix stops there
     assert sources[0]["documents"] == 400 and sources[1]["documents"] < 400
     # Each source's documents keep their order.
-    assert [d for d in docs if d.startswith("beta")] == [f"beta {d}" for d in make_docs(400, seed=2)][:sources[1]["documents"]]
+    beta = [f"beta {d}" for d in make_docs(400, seed=2)]
+    assert [d for d in docs if d.startswith("beta")] == beta[:sources[1]["documents"]]
 
 
 def test_without_weights_every_document_used_once(tmp_path):

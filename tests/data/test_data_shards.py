@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lunaris.data import ShardDataset, check_vocab, read_manifest, resolve_data_dirs, split_info, tokenizer_path
-from lunaris.data.shards import file_sha256
 from lunaris.errors import DataError
+from lunaris.runtime import file_sha256
 
 
 def write_shards(directory, sizes, dtype=np.uint16, start=0):

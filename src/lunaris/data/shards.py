@@ -36,7 +36,6 @@ every byte once: `lunaris prepare` does this implicitly by construction, `lunari
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,6 +44,7 @@ import numpy as np
 import torch
 
 from lunaris.errors import DataError
+from lunaris.runtime import file_sha256
 
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.json"
@@ -168,7 +168,8 @@ def open_shard(path: Path) -> np.ndarray:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise DataError(f"The shard {path} is not a valid .npy file or is truncated ({exc}). It may come from an "
-                        f"interrupted write: delete it and re-create the shards (e.g. re-run `lunaris prepare`).") from None
+                        f"interrupted write: delete it and re-create the shards (e.g. re-run "
+                        f"`lunaris prepare`).") from None
     if array.dtype not in TOKEN_DTYPES:
         raise DataError(f"The shard {path} holds {array.dtype} values; token shards must be unsigned integers "
                         f"(uint16 for vocabularies up to 65,536 ids, uint32 above). Float or signed arrays are "
@@ -179,14 +180,6 @@ def open_shard(path: Path) -> np.ndarray:
         raise DataError(f"The shard {path} has shape {array.shape}; token shards must be 1-D streams of ids. "
                         f"Flatten it with np.save(path, ids.reshape(-1)) if the rows are consecutive text.")
     return array
-
-
-def file_sha256(path: Path, chunk_bytes: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _manifest_mismatch(data_dir: Path, detail: str) -> DataError:
@@ -209,7 +202,8 @@ def verify_against_manifest(data_dir: Path, files: Sequence[Path], lengths: Sequ
     for path, length in zip(files, lengths):
         expected = listed[path.name]
         if int(expected["tokens"]) != int(length):
-            raise _manifest_mismatch(data_dir, f"{path.name} has {length} tokens, the manifest says {expected['tokens']}")
+            raise _manifest_mismatch(data_dir, f"{path.name} has {length} tokens, "
+                                               f"the manifest says {expected['tokens']}")
         if level == "full" and file_sha256(path) != expected["sha256"]:
             raise _manifest_mismatch(data_dir, f"the sha256 of {path.name} differs from the manifest's")
 

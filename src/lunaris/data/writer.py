@@ -1,0 +1,126 @@
+"""The output of `lunaris prepare`: token shards per split, built in a staging directory and installed whole.
+
+**Splits.** Documents are routed whole: the first ones, up to `--val-tokens`, form the validation split,
+the rest the training split (which stops at `--max-tokens`, also on a document boundary). Each split is a
+directory of `shard_00000.npy`, ... holding `--shard-tokens` tokens each (the last one fewer), uint16 for
+vocabularies up to 65,536 ids, uint32 above; a shard's sha256 is computed while it is written.
+
+**Atomicity.** Everything is built in a hidden staging directory next to `--out` and moved into place
+only when complete; each shard is written under a temporary name and renamed once it is on disk, and
+the manifest is written last. An interrupted run therefore never leaves a directory or shard that looks
+valid, and an existing `--out` is replaced only once the new one is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from lunaris.fileio import atomic_open, replace_dir
+
+
+class _HashingWriter:
+    """File wrapper that hashes what is written, so a shard's sha256 costs no second read."""
+
+    def __init__(self, f):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, data):
+        self.sha.update(data)
+        return self.f.write(data)
+
+
+class ShardWriter:
+    """Buffers tokens of one split and writes `shard_00000.npy`, ... of `shard_tokens` tokens each."""
+
+    def __init__(self, directory: Path, dtype, shard_tokens: int):
+        self.directory, self.dtype, self.shard_tokens = directory, np.dtype(dtype), shard_tokens
+        self.buffer = np.empty(shard_tokens, dtype=self.dtype)  # filled up to self.fill
+        self.fill, self.shards, self.tokens, self.documents, self.bytes, self.max_id = 0, [], 0, 0, 0, -1
+
+    def add(self, ids: np.ndarray, documents: int, nbytes: int) -> None:
+        self.tokens, self.documents = self.tokens + len(ids), self.documents + documents
+        self.bytes += nbytes
+        if len(ids):
+            self.max_id = max(self.max_id, int(ids.max()))
+        while len(ids):
+            take = min(len(ids), self.shard_tokens - self.fill)
+            self.buffer[self.fill:self.fill + take] = ids[:take]
+            self.fill, ids = self.fill + take, ids[take:]
+            if self.fill == self.shard_tokens:
+                self._write()
+
+    def _write(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        name = f"shard_{len(self.shards):05d}.npy"
+        with atomic_open(self.directory / name, "wb") as f:  # the shard appears under its name only when complete
+            out = _HashingWriter(f)
+            np.lib.format.write_array(out, self.buffer[:self.fill], allow_pickle=False)
+        self.shards.append({"file": name, "tokens": int(self.fill), "sha256": out.sha.hexdigest()})
+        self.fill = 0
+
+    def close(self) -> dict:
+        """Write the last, partial shard; returns the split's manifest entry."""
+        if self.fill:
+            self._write()
+        self.buffer = None
+        return {"documents": self.documents, "tokens": self.tokens, "bytes": self.bytes,
+                "max_token_id": self.max_id, "shards": self.shards}
+
+
+class TrainValSplitter:
+    """Routes whole documents to the val writer until it holds `val_tokens`, then to train."""
+
+    def __init__(self, val: ShardWriter, train: ShardWriter, val_tokens: int, max_tokens: int | None):
+        self.val, self.train, self.val_tokens, self.max_tokens = val, train, val_tokens, max_tokens
+
+    @property
+    def full(self) -> bool:
+        return self.max_tokens is not None and self.train.tokens >= self.max_tokens
+
+    def add(self, ids: np.ndarray, lengths: np.ndarray, sizes: np.ndarray) -> int:
+        """Write a batch; returns how many of its documents were kept (fewer once --max-tokens is reached).
+
+        A document goes to val while val is below its budget when the document starts, so val ends
+        on a whole document; the same rule ends train at --max-tokens.
+        """
+        starts = np.cumsum(lengths) - lengths  # (n_docs,) offset of each document in `ids`
+        n_val = 0
+        if self.val.tokens < self.val_tokens:
+            n_val = int(np.searchsorted(starts, self.val_tokens - self.val.tokens, side="left"))
+        cut = int(starts[n_val]) if n_val < len(starts) else len(ids)
+        self.val.add(ids[:cut], n_val, int(sizes[:n_val].sum()))
+        n_keep = len(lengths)
+        if self.max_tokens is not None:
+            n_keep = int(np.searchsorted(starts, cut + self.max_tokens - self.train.tokens, side="left"))
+            n_keep = max(n_keep, n_val)
+        end = int(starts[n_keep]) if n_keep < len(starts) else len(ids)
+        self.train.add(ids[cut:end], n_keep - n_val, int(sizes[n_val:n_keep].sum()))
+        return n_keep
+
+
+@contextmanager
+def staging_dir(out: Path) -> Iterator[Path]:
+    """A new hidden directory beside `out` to build the output in; removed on exit unless installed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(stage, 0o777 & ~umask)  # mkdtemp's private 0700 would otherwise become the output's mode
+        yield stage
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def install(stage: Path, out: Path) -> None:
+    """Move the finished staging directory to `out`, replacing an old one only now."""
+    replace_dir(stage, out)
