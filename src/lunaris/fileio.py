@@ -102,3 +102,20 @@ def replace_dir(temp, final) -> None:
     else:
         os.replace(temp, final)
     fsync_dir(final.parent)
+
+
+def move_into(temp, final, owned=()) -> None:
+    """Install the finished directory `temp` as `final`: one rename when `final` does not exist; else file by file
+    (each rename atomic), after removing the files named in `owned` that the new contents lack. Other files of an
+    existing `final` (a user's notes) stay."""
+    temp, final = Path(temp), Path(final)
+    if not final.exists():
+        os.replace(temp, final)
+        fsync_dir(final.parent)
+        return
+    for name in owned:
+        if not (temp / name).exists():
+            (final / name).unlink(missing_ok=True)
+    for path in temp.iterdir():
+        os.replace(path, final / path.name)
+    fsync_dir(final)

@@ -21,6 +21,7 @@ import torch
 from lunaris.errors import LunarisError
 from lunaris.export.llama import llama_compatible, llama_config, llama_state_dict
 from lunaris.export.remote_code import configuration_source, modeling_source
+from lunaris.fileio import move_into
 from lunaris.runtime import END_OF_TEXT
 from lunaris.train.checkpoint import model_from_checkpoint
 
@@ -77,7 +78,7 @@ def export_checkpoint(checkpoint, out_dir, tokenizer=None, fmt: str = "auto", dt
             (temp / "configuration_lunaris.py").write_text(configuration_source(), encoding="utf-8")
             (temp / "modeling_lunaris.py").write_text(modeling_source(), encoding="utf-8")
         files = sorted(p.name for p in temp.iterdir())
-        move_into_place(temp, out_dir)
+        move_into(temp, out_dir, owned=EXPORT_FILES)  # an export in the other format leaves other files
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     return {"format": fmt, "out_dir": str(out_dir), "files": files, "parameters": model.num_params(),
@@ -131,15 +132,3 @@ def write_tokenizer_files(directory: Path, tokenizer_path: Path, eos, max_seq_le
         "clean_up_tokenization_spaces": False,  # decode exactly as the `tokenizers` library does
         **special,
     })
-
-
-def move_into_place(temp: Path, out_dir: Path) -> None:
-    """Rename the finished directory to `out_dir`; into an existing one (--force), file by file."""
-    if not out_dir.exists():
-        os.replace(temp, out_dir)
-        return
-    for name in EXPORT_FILES:  # an earlier export in the other format leaves files the new one does not have
-        if not (temp / name).exists():
-            (out_dir / name).unlink(missing_ok=True)
-    for path in temp.iterdir():
-        os.replace(path, out_dir / path.name)
