@@ -30,7 +30,7 @@ frozen = subprocess.run([sys.executable, "-m", "pip", "freeze", "--exclude-edita
                         text=True, check=True).stdout.splitlines()
 print("# The versions the test suite passed with, used by the setup command (pip install -c constraints.txt).")
 print("# Regenerate with `bash scripts/update-constraints.sh`; torch and its own dependencies are left free.")
-for line in sorted(frozen, key=str.lower):
+for line in sorted(frozen, key=name):
     if "==" in line and name(line) not in with_torch:
         print(line)
 PY

@@ -4,9 +4,10 @@ import pytest
 import torch
 from conftest import byte_level_tokenizer, tiny_model_config
 
-import lunaris.model.model as model_module
+import lunaris.model.generation as model_module
 from lunaris import LunarisCodex, LunarisError
 from lunaris.generate import StreamingDecoder
+from lunaris.model.attention import KVCache
 from lunaris.model.sampling import filter_logits, sample_next_token
 
 # ---- KV cache against full recomputation ---------------------------------------------------------------
@@ -77,6 +78,95 @@ def test_a_batch_of_prompts_decodes_like_each_prompt_alone():
     batched = model.generate(idx, 12, temperature=0)
     for row in range(3):
         assert torch.equal(batched[row:row + 1], model.generate(idx[row:row + 1], 12, temperature=0))
+
+
+# ---- static-shape decoding: the step torch.compile captures -------------------------------------------
+
+def test_kv_cache_write_puts_keys_at_a_tensor_position_in_place():
+    cache = KVCache(batch=2, n_kv_heads=1, max_len=6, head_dim=3, device="cpu", dtype=torch.float32)
+    k, v = torch.randn(2, 1, 1, 3), torch.randn(2, 1, 1, 3)
+    keys, values = cache.write(k, v, torch.tensor([4]))
+    assert keys.shape == (2, 1, 6, 3) and keys.data_ptr() == cache.k.data_ptr()   # the buffer itself
+    assert torch.equal(cache.k[:, :, 4:5], k) and torch.equal(cache.v[:, :, 4:5], v)
+    assert not cache.k[:, :, :4].any() and not cache.k[:, :, 5:].any()
+    keys, _ = cache.write(k, v, torch.tensor([1]), length=2)
+    assert keys.shape == (2, 1, 2, 3) and torch.equal(keys[:, :, 1:], k)
+
+
+@pytest.mark.parametrize("variant", ["dense-gqa", "dense-mqa-irl3", "moc-mha-collab"])
+def test_static_decode_step_over_the_whole_cache_equals_full_recompute(variant):
+    """decode_step with static shapes (length=None: the whole preallocated cache, unwritten positions masked)."""
+    model = random_model(**MODEL_VARIANTS[variant])
+    idx = torch.randint(0, 128, (2, 5))
+    caches = model.new_kv_caches(2, 64)  # longer than needed: the extra positions must stay invisible
+    logits = model(idx, caches=caches, last_logits_only=True).logits[:, -1]
+    sequence, slot = idx, torch.tensor([5])
+    for _ in range(12):
+        torch.testing.assert_close(logits, model(sequence).logits[:, -1], rtol=0, atol=1e-5)
+        token = logits.argmax(-1, keepdim=True)
+        sequence = torch.cat([sequence, token], dim=1)
+        logits = model.decode_step(token, slot, caches)
+        slot += 1
+
+
+def test_eager_decode_step_is_bitwise_the_cached_forward():
+    """The eager decode step computes exactly what forward with a cache computes (the reference stays exact)."""
+    model = random_model(n_heads=4, n_kv_heads=2, n_reasoning_steps=2)
+    idx = torch.randint(0, 128, (2, 6))
+    caches_a, caches_b = model.new_kv_caches(2, 10), model.new_kv_caches(2, 10)
+    model(idx, caches=caches_a)
+    model(idx, caches=caches_b)
+    token = torch.randint(0, 128, (2, 1))
+    step = model.decode_step(token, torch.tensor([6]), caches_a, length=7)
+    forward = model(token, caches=caches_b, start=6, last_logits_only=True).logits[:, -1]
+    assert torch.equal(step, forward)
+
+
+# ---- prompts of different lengths in one batch ---------------------------------------------------------
+
+@pytest.mark.parametrize("variant", list(MODEL_VARIANTS))
+def test_prompts_of_different_lengths_decode_in_one_batch_like_each_alone(variant):
+    model = random_model(**MODEL_VARIANTS[variant])
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 128, (length,), generator=gen).tolist() for length in (4, 11, 1, 7)]
+    batched = model.generate(prompts, 14, temperature=0)
+    assert isinstance(batched, list) and len(batched) == 4
+    for prompt, row in zip(prompts, batched):
+        alone = model.generate(torch.tensor([prompt]), 14, temperature=0)[0]
+        assert torch.equal(row, alone)  # token for token, the prompt included
+
+
+def test_a_padded_batch_sees_the_logits_each_prompt_sees_alone(monkeypatch):
+    model = random_model(n_heads=4, n_kv_heads=1)
+    prompts = [[5, 9, 2, 7, 7, 1, 3], [8], [4, 4, 6]]
+    _, batched = generate_recording_logits(model, prompts, 10, monkeypatch, temperature=0)
+    for row, prompt in enumerate(prompts):
+        _, alone = generate_recording_logits(model, torch.tensor([prompt]), 10, monkeypatch, temperature=0)
+        torch.testing.assert_close(torch.stack([step[row] for step in batched]), torch.cat(alone), rtol=0, atol=1e-5)
+
+
+def test_a_list_of_prompts_accepts_tensors_stops_each_row_at_eos_and_streams_every_row():
+    model = random_model()
+    prompts = [torch.tensor([3, 1, 4, 1, 5]), torch.tensor([9, 2])]
+    free = model.generate(prompts, 12, temperature=0)
+    eos = free[1][2 + 3].item()       # the 4th new token of row 1 becomes the end of text
+    first = free[1][2:].tolist().index(eos)
+    stopped = model.generate(prompts, 12, temperature=0, eos_token_id=eos)
+    assert torch.equal(stopped[1], free[1][:2 + first + 1])     # ends with its eos, nothing after it
+    new0 = free[0][5:].tolist()
+    end0 = new0.index(eos) + 1 if eos in new0 else len(new0)
+    assert torch.equal(stopped[0], free[0][:5 + end0])
+    steps = list(model.generate_stream(prompts, 3, temperature=0))
+    assert [tuple(step.shape) for step in steps] == [(2, 1)] * 3
+    same_length = model.generate([[1, 2, 3], [4, 5, 6]], 5, temperature=0)
+    assert torch.equal(torch.stack(same_length), model.generate(torch.tensor([[1, 2, 3], [4, 5, 6]]), 5, temperature=0))
+
+
+@pytest.mark.parametrize("prompts,message", [([], "empty list of prompts"), ([[1, 2], []], "the prompt has 0 tokens"),
+                                             ([[1] * 64], "the prompt has 64 tokens")])
+def test_bad_lists_of_prompts_are_clear_errors(prompts, message):
+    with pytest.raises(LunarisError, match=message):
+        random_model().generate(prompts, 3)
 
 
 # ---- stopping --------------------------------------------------------------------------------------------

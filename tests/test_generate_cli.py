@@ -131,3 +131,60 @@ def test_generate_command_stops_at_the_context_limit_with_a_note(tmp_path, capsy
     assert main(["generate", "--checkpoint", str(run), "--prompt", "the quick brown", "--max-new-tokens", "50",
                  "--temperature", "0"]) == 0
     assert "note: generation stopped" in capsys.readouterr().err
+
+
+# ---- lunaris generate --prompt-file ----------------------------------------------------------------------
+
+def test_prompt_file_continues_every_prompt_in_batches_like_each_prompt_alone(run_dir, tmp_path, capsys):
+    import json
+    tokenizer = byte_level_tokenizer()
+    model = model_from_checkpoint(run_dir)
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    prompts = ["the quick brown fox", "hello", "lazy dog jumps over", "a"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts[:2]) + "\n\n" + "\n".join(prompts[2:]) + "\n")
+    assert main(["generate", "--checkpoint", str(run_dir), "--prompt-file", str(tmp_path / "prompts.txt"),
+                 "--batch-size", "3", "--max-new-tokens", "10", "--temperature", "0", "--no-compile"]) == 0
+    captured = capsys.readouterr()
+    lines = [json.loads(line) for line in captured.out.splitlines()]
+    assert [line["prompt"] for line in lines] == prompts          # in the file's order, blank line skipped
+    for line in lines:
+        idx = torch.tensor([tokenizer.encode(line["prompt"]).ids])
+        new = model.generate(idx, 10, temperature=0, eos_token_id=eos)[0, idx.shape[1]:].tolist()
+        assert line["completion"] == tokenizer.decode([t for t in new if t != eos])
+    assert "[4 prompts," in captured.err and "batches of up to 3" in captured.err
+
+
+def test_a_jsonl_prompt_file_holds_json_strings_or_objects(run_dir, tmp_path, capsys):
+    import json
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps("line one\nline two") + "\n" + json.dumps({"prompt": "hello"}) + "\n")
+    assert main(["generate", "--checkpoint", str(run_dir), "--prompt-file", str(path), "--max-new-tokens", "3",
+                 "--temperature", "0"]) == 0
+    assert [json.loads(line)["prompt"] for line in capsys.readouterr().out.splitlines()] == ["line one\nline two",
+                                                                                             "hello"]
+    path.write_text("not json\n")
+    assert main(["generate", "--checkpoint", str(run_dir), "--prompt-file", str(path)]) == 2
+    assert "line 1 is not JSON" in capsys.readouterr().err
+    assert main(["generate", "--checkpoint", str(run_dir), "--prompt-file", str(tmp_path / "missing.txt")]) == 2
+    assert "cannot read the prompt file" in capsys.readouterr().err
+
+
+def test_prompt_and_prompt_file_exclude_each_other_and_compile_is_a_switch(run_dir, tmp_path, capsys):
+    from lunaris.cli import build_parser
+    with pytest.raises(SystemExit):
+        main(["generate", "--checkpoint", str(run_dir), "--prompt", "x", "--prompt-file", str(tmp_path / "p.txt")])
+    assert "not allowed with argument" in capsys.readouterr().err
+    parse = build_parser().parse_args
+    assert parse(["generate", "--checkpoint", "c"]).compile is None
+    assert parse(["generate", "--checkpoint", "c", "--compile"]).compile is True
+    assert parse(["generate", "--checkpoint", "c", "--no-compile"]).compile is False
+
+
+def test_generate_reports_the_compilation_time(run_dir, capsys):
+    from lunaris.generate import run_generate
+    torch._dynamo.reset()
+    run_generate(run_dir, "the quick", max_new_tokens=6, temperature=0, device="cpu",
+                 compile={"backend": "eager"})
+    torch._dynamo.reset()
+    err = capsys.readouterr().err
+    assert "[compiled the decode step in" in err and "6 tokens in" in err

@@ -156,36 +156,56 @@ def add_generate_parser(sub):
                        description="Continue --prompt with the model of a checkpoint, printing text as it is "
                                    "produced. Uses the tokenizer.json the trainer copied into the run directory.")
     _add_model_source(p)
-    p.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")
+    prompts = p.add_mutually_exclusive_group()
+    prompts.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")
+    prompts.add_argument("--prompt-file", metavar="FILE",
+                         help="continue every prompt of FILE (one per line; in a .jsonl file one JSON string per "
+                              "line) in batches, printing one JSON line {\"prompt\", \"completion\"} per prompt")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="prompts decoded together with --prompt-file (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy (default 0.8)")
     p.add_argument("--top-k", type=int, help="sample among the k most likely tokens only")
     p.add_argument("--top-p", type=float, help="sample among the most likely tokens holding this probability mass")
     p.add_argument("--seed", type=int, help="random seed, for reproducible samples")
     p.add_argument("--tokenizer", metavar="FILE", help="tokenizer.json to use instead of the run directory's")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the decode step (compilation takes seconds to minutes, reported on stderr; "
+                        "default: only on CUDA, once enough tokens were decoded for it to pay off)")
     _add_device_args(p)
     p.set_defaults(func=cmd_generate)
 
 
 def cmd_generate(args, overrides):
-    from lunaris.generate import run_generate
-    run_generate(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, tokenizer_path=args.tokenizer,
-                 device=args.device, dtype=args.dtype, threads=args.threads)
+    from lunaris.generate import read_prompts, run_generate, run_generate_batch
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed, tokenizer_path=args.tokenizer, device=args.device,
+                   dtype=args.dtype, threads=args.threads, compile=args.compile)
+    if args.prompt_file is not None:
+        run_generate_batch(args.checkpoint, read_prompts(args.prompt_file), batch_size=args.batch_size, **options)
+    else:
+        run_generate(args.checkpoint, args.prompt, **options)
     return 0
 
 
 def add_eval_parser(sub):
-    p = sub.add_parser("eval", help="loss, perplexity and bits-per-byte of a checkpoint on held-out shards",
+    p = sub.add_parser("eval", help="loss/bits-per-byte on held-out shards, or accuracy on downstream tasks",
                        description="Evaluate a checkpoint on held-out token shards (default: the run's val split) "
                                    "and print one JSON object: loss (nats/token), perplexity, bits_per_byte, "
-                                   "tokens evaluated.")
+                                   "tokens evaluated. With --tasks, score downstream tasks instead and print a "
+                                   "table of accuracy, normalized accuracy and chance per task.")
     _add_model_source(p)
     p.add_argument("--data", metavar="DIR", help="prepared data directory (its val/ split) or a directory of "
                                                  ".npy shards (default: the run's held-out data)")
     p.add_argument("--max-batches", type=int, help="evaluate only the first N batches (default: all)")
     p.add_argument("--batch-size", type=int, help="sequences per batch (default: the run's batch_size)")
     p.add_argument("--json", metavar="FILE", help="also write the result to FILE")
+    p.add_argument("--tasks", nargs="+", metavar="TASK",
+                   help="score these tasks: `embedded` (python_next_line, built from the standard library), "
+                        "NAME=FILE.jsonl (the simple, HellaSwag, ARC, PIQA or LAMBADA layout) or a task YAML")
+    p.add_argument("--limit", type=int, help="with --tasks: the first N examples of each task (default: all)")
+    p.add_argument("--tokenizer", metavar="FILE", help="with --tasks: tokenizer.json to use instead of the run "
+                                                       "directory's")
     _add_device_args(p)
     p.set_defaults(func=cmd_eval)
 
@@ -193,7 +213,20 @@ def add_eval_parser(sub):
 def cmd_eval(args, overrides):
     import json
 
-    from lunaris.evaluate import run_eval
+    from lunaris.evaluate import run_eval, run_task_eval
+    if args.tasks:
+        if args.data is not None or args.max_batches is not None:
+            raise LunarisError("--tasks scores tasks, not the loss: leave out --data and --max-batches (or run "
+                               "lunaris eval twice).")
+        from lunaris.tasks import format_table
+        result = run_task_eval(args.checkpoint, args.tasks, limit=args.limit, batch_size=args.batch_size,
+                               device=args.device, dtype=args.dtype, threads=args.threads, tokenizer=args.tokenizer,
+                               json_path=args.json)
+        print(format_table(result["tasks"]))
+        print(f"{result['checkpoint']} (step {result['step']}), {result['seconds']:.1f} s")
+        return 0
+    if args.limit is not None or args.tokenizer is not None:
+        raise LunarisError("--limit and --tokenizer apply to --tasks only.")
     result = run_eval(args.checkpoint, data=args.data, max_batches=args.max_batches, batch_size=args.batch_size,
                       device=args.device, dtype=args.dtype, threads=args.threads, json_path=args.json)
     print(json.dumps(result))

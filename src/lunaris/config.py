@@ -71,6 +71,8 @@ COLLAB_MODES = ("mha", "simple", "none")
 DEVICES = ("auto", "cuda", "cpu", "mps")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 PARALLELISMS = ("ddp", "fsdp")
+OPTIMIZERS = ("adamw", "muon")
+LR_SCHEDULES = ("cosine", "wsd", "linear")
 
 
 @dataclass
@@ -210,8 +212,17 @@ class TrainConfig:
         "data/", "Training shards: a directory made by `lunaris prepare`, or a flat directory of .npy shards.")
     val_data_dir: Optional[str] = _f(
         None, "Held-out shards; null means the `val/` split of a prepared data_dir, if any.")
-    learning_rate: float = _f(3e-4, "Peak learning rate (after warmup).")
-    min_lr: Optional[float] = _f(None, "Final learning rate of the cosine decay; null means learning_rate/10.")
+    optimizer: str = _f(
+        "adamw", "adamw | muon: Muon (orthogonalized momentum) for the hidden matrices of the blocks and each "
+                 "expert matrix, AdamW for embeddings, LM head, norms, biases and the router.")
+    learning_rate: float = _f(3e-4, "Peak learning rate (after warmup) of AdamW (with muon: of the AdamW groups).")
+    muon_lr: float = _f(0.02, "Peak learning rate of the Muon groups (optimizer: muon); follows the same schedule.")
+    muon_momentum: float = _f(0.95, "Muon momentum (Nesterov).")
+    lr_schedule: str = _f(
+        "cosine", "cosine | wsd | linear: after warmup, cosine or linear decay to min_lr over the run; wsd holds "
+                  "the peak, then decays linearly to min_lr over the last decay_fraction of max_steps.")
+    decay_fraction: float = _f(0.2, "Share of max_steps spent decaying with lr_schedule: wsd.")
+    min_lr: Optional[float] = _f(None, "Final learning rate of the decay; null means learning_rate/10.")
     weight_decay: float = _f(0.1, "AdamW weight decay on >=2-D weights (not norms, biases or the router).")
     beta1: float = _f(0.9, "AdamW beta1.")
     beta2: float = _f(0.95, "AdamW beta2.")
@@ -237,6 +248,9 @@ class TrainConfig:
     log_interval: int = _f(20, "Log metrics every N steps.")
     eval_interval: int = _f(1000, "Evaluate on held-out data every N steps (0 disables).")
     eval_batches: int = _f(20, "Held-out batches per evaluation.")
+    eval_tasks: list = _f(
+        [], "Downstream tasks scored at every evaluation (eval/<task>/acc): embedded, NAME=PATH, or {name, path, "
+            "limit} items; see the README, Evaluate.")
     max_bad_steps: int = _f(10, "Stop after this many consecutive non-finite losses (each one skips its update).")
     peak_flops: Optional[float] = _f(None, "Peak FLOP/s per device for MFU; null means a table of known GPUs.")
     wandb_project: Optional[str] = _f(None, "W&B project; null disables W&B.")
@@ -280,15 +294,30 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip", "router_lr_scale"):
             if getattr(self, name) < 0:
                 c.add([name], f"{name} must be >= 0, {c.got(name)}.")
-        for name in ("beta1", "beta2"):
+        for name in ("beta1", "beta2", "muon_momentum"):
             if not 0 <= getattr(self, name) < 1:
                 c.add([name], f"{name} must be in [0, 1), {c.got(name)}.")
+        if self.muon_lr <= 0:
+            c.add(["muon_lr"], f"muon_lr must be positive, {c.got('muon_lr')}.")
+        if not 0 < self.decay_fraction <= 1:
+            c.add(["decay_fraction"], f"decay_fraction must be in (0, 1], {c.got('decay_fraction')}.")
+        for name, choices in (("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES)):
+            value = getattr(self, name)
+            if value not in choices:
+                c.add([name], f"{name} must be one of {', '.join(choices)}, {c.got(name)}{_suggest(value, choices)}.")
+        if self.optimizer == "muon" and self.parallelism == "fsdp":
+            c.add(["optimizer", "parallelism"], "optimizer: muon orthogonalizes whole matrices, which FSDP shards "
+                                                "across processes; use parallelism: ddp with muon, or adamw with fsdp.")
         for name, choices in (("device", DEVICES), ("dtype", DTYPES), ("parallelism", PARALLELISMS)):
             value = getattr(self, name)
             if value not in choices:
                 c.add([name], f"{name} must be one of {', '.join(choices)}, {c.got(name)}{_suggest(value, choices)}.")
         if self.peak_flops is not None and self.peak_flops <= 0:
             c.add(["peak_flops"], f"peak_flops must be positive or null, {c.got('peak_flops')}.")
+        if self.eval_tasks:
+            from lunaris.tasks.formats import spec_problems
+            for problem in spec_problems(self.eval_tasks):
+                c.add(["eval_tasks"], f"eval_tasks: {problem}")
         return found + c.found
 
     def validate(self) -> "TrainConfig":
@@ -387,9 +416,16 @@ def _coerce(value, tp, key: str, problems: list, origin=None, raw=None):
             if isinstance(value, (dict, list)):
                 raise ValueError
             return raw if isinstance(raw, str) else str(value)
-    except (TypeError, ValueError, OverflowError):
+        if base is list:  # a command-line value is YAML text (a flow list) or one comma-separated entry
+            if isinstance(value, str):
+                value = yaml.safe_load(value) if value.strip().startswith("[") else [value]
+            if isinstance(value, list):
+                return value
+            raise ValueError
+    except (TypeError, ValueError, OverflowError, yaml.YAMLError):
         pass
-    expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(base, str(base))
+    expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+                list: "a list"}.get(base, str(base))
     problems.append(f"{key} must be {expected}{' or null' if optional else ''}, got {value!r}{_from(origin)}.")
     return _INVALID
 

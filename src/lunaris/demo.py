@@ -3,7 +3,8 @@
 1. corpus: the Python standard library's own source files (real code, present on every machine);
 2. `lunaris prepare`: a byte-level BPE tokenizer and token shards with a validation split;
 3. `lunaris train`: a small model (configs/demo-cpu.yaml; dense or MoC) for a few minutes;
-4. `lunaris eval`: validation loss against the unigram baseline of the same tokens;
+4. `lunaris eval`: validation loss against the unigram baseline of the same tokens, and accuracy on the
+   embedded task (python_next_line: pick a function's next line among four) against chance;
 5. `lunaris generate`: a code sample from the prompt `def `;
 6. `lunaris plot`: the loss curve.
 Running it again resumes: the data is kept and training continues from the last checkpoint.
@@ -19,11 +20,14 @@ import torch
 
 from lunaris.errors import LunarisError
 from lunaris.fileio import atomic_write_json
+from lunaris.tasks.embedded import HELD_OUT_GLOBS
 
 PRESET = Path(__file__).parent / "presets" / "demo-cpu.yaml"
 # tests, vendored packages and generated tables (codec maps, pydoc topics) are not the code we want to model
 EXCLUDE = ("test/*", "tests/*", "*/test/*", "*/tests/*", "idlelib/*", "lib2to3/*", "site-packages/*",
-           "dist-packages/*", "turtledemo/*", "__pycache__/*", "encodings/*", "pydoc_data/*")
+           "dist-packages/*", "turtledemo/*", "__pycache__/*", "encodings/*", "pydoc_data/*") + HELD_OUT_GLOBS
+# (HELD_OUT_GLOBS: the packages the embedded task is built from, so that its functions are never trained on)
+TASK_EXAMPLES = 400  # python_next_line examples scored after training (a standard error of about 0.02)
 
 
 def stdlib_dir() -> Path:
@@ -62,15 +66,17 @@ def unigram_baseline(data_dir: Path, vocab_size: int) -> float:
     return float(-log_probs[val].mean())
 
 
-def calibrate_steps(config, minutes: float) -> int:
-    """Optimizer steps that fit in `minutes`, from timing a few real training steps of this model here."""
+def calibrate_steps(config, minutes: float, share: float = 0.85) -> int:
+    """Optimizer steps that fill `share` of `minutes` (the rest: evaluation and checkpoints), from timing a few
+    real training steps of this model, with this config's optimizer, here."""
     from lunaris.model import LunarisCodex
     from lunaris.runtime import resolve_device, resolve_dtype
+    from lunaris.train.optim import build_optimizer
     from lunaris.train.step import train_step
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     model = LunarisCodex(config.model).to(device)
-    optimizer = model.configure_optimizers(0.1, config.learning_rate, device_type=device.type)
+    optimizer = build_optimizer(model, config, device.type)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None  # as the trainer runs fp16
     x = torch.randint(0, config.model.vocab_size, (config.batch_size, config.model.max_seq_len), device=device)
     micro_batches = [(x, x)] * config.gradient_accumulation_steps
@@ -80,8 +86,7 @@ def calibrate_steps(config, minutes: float) -> int:
         train_step(model, optimizer, micro_batches, dtype, config.grad_clip, scaler)  # returns floats: synchronized
         timings.append(time.perf_counter() - start)
     per_step = sorted(timings[1:])[1]  # median of the warm steps
-    budget = minutes * 60 * 0.85  # leave room for evaluation and checkpoints
-    return max(20, int(budget / per_step))
+    return max(20, int(minutes * 60 * share / per_step))
 
 
 def demo_config(data_dir: Path, run_dir: Path, arch: str, device: str, vocab_size: int):
@@ -95,7 +100,7 @@ def demo_config(data_dir: Path, run_dir: Path, arch: str, device: str, vocab_siz
 
 
 def run_demo(out="runs/demo", minutes: float = None, max_steps: int = None, arch: str = "dense",
-             device: str = "auto", corpus_mb: float = 6.0, echo=print) -> dict:
+             device: str = "auto", corpus_mb: float = 6.0, echo=print, task_examples: int = TASK_EXAMPLES) -> dict:
     """Run every stage; returns the summary (also written to OUT/demo.json)."""
     if arch not in ("dense", "moc"):
         raise LunarisError(f"--arch must be dense or moc, got {arch!r}.")
@@ -140,6 +145,14 @@ def run_demo(out="runs/demo", minutes: float = None, max_steps: int = None, arch
         echo(f"      not below the unigram baseline yet: train longer (lunaris demo --out {out} --max-steps "
              f"{2 * result.step})")
 
+    from lunaris.evaluate import run_task_eval
+    task = run_task_eval(run_dir, ["embedded"], limit=task_examples, device=device)["tasks"]["python_next_line"]
+    above = task["acc"] - task["chance"]
+    echo(f"      python_next_line (a function's next line among 4, {task['examples']} held-out functions): accuracy "
+         f"{task['acc']:.3f} ± {task['acc_stderr']:.3f} (normalized {task['acc_norm']:.3f}), chance "
+         f"{task['chance']:.2f}"
+         + (f", {above / task['acc_stderr']:.1f} standard errors above" if above > 0 and task["acc_stderr"] else ""))
+
     echo("[4/5] sample from the prompt 'def ':")
     from lunaris.generate import run_generate
     sample = run_generate(run_dir, "def ", max_new_tokens=120, temperature=0.8, top_k=50, seed=0, device=device)
@@ -155,6 +168,8 @@ def run_demo(out="runs/demo", minutes: float = None, max_steps: int = None, arch
 
     summary = {"arch": arch, "steps": result.step, "val_loss": metrics["loss"], "unigram_baseline": baseline,
                "bits_per_byte": metrics["bits_per_byte"], "beats_unigram": metrics["loss"] < baseline,
+               "task_accuracy": task["acc"], "task_accuracy_stderr": task["acc_stderr"],
+               "task_accuracy_norm": task["acc_norm"], "task_chance": task["chance"],
                "sample": sample, "plot": plot, "run_dir": str(run_dir), "data_dir": str(data_dir),
                "seconds": round(time.time() - started, 1)}
     atomic_write_json(state_path, {**summary, "max_steps": max_steps})
@@ -168,6 +183,7 @@ def next_steps(run_dir: Path, data_dir: Path, out: Path) -> str:
         "Go further:",
         f"  lunaris generate --checkpoint {run_dir} --prompt 'import ' --max-new-tokens 200",
         f"  lunaris eval --checkpoint {run_dir} --data {data_dir}",
+        f"  lunaris eval --checkpoint {run_dir} --tasks embedded",
         f"  lunaris export --checkpoint {run_dir} --out {out / 'hf'}",
         f"  lunaris demo --out {out} --max-steps N   (continue training this run to step N)",
     ])

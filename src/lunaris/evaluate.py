@@ -6,6 +6,8 @@ evaluated target token (the padded end of the stream excluded), in nats. Bits-pe
 bytes-per-token ratio of the split from its manifest (`lunaris prepare` counts both), which makes models
 with different tokenizers comparable; a flat directory of shards has no manifest, so no bits-per-byte.
 MoC layers run dropless (eval mode), and the reported loss is the cross-entropy alone, without aux losses.
+
+`lunaris eval --tasks` scores downstream tasks instead (lunaris.tasks): accuracy by log-likelihood, per task.
 """
 
 import math
@@ -106,3 +108,31 @@ def run_eval(checkpoint, data=None, max_batches: int = None, batch_size: int = N
         atomic_write_json(Path(json_path), result)
     return result
 
+
+def run_task_eval(checkpoint, tasks, limit: int = None, batch_size: int = None, device: str = "auto",
+                  dtype: str = "auto", threads: int = None, tokenizer=None, json_path=None) -> dict:
+    """Score a checkpoint on downstream tasks (`--tasks` entries, see lunaris.tasks); returns (and optionally
+    writes to `json_path`) {"checkpoint", "step", "tasks": {name: result}, "seconds", ...}."""
+    from lunaris.generate import end_of_text_id, find_tokenizer, load_model, load_tokenizer
+    from lunaris.tasks import encode_task, evaluate_tasks, load_task, parse_specs
+    from lunaris.tasks.scoring import token_encoder
+    if limit is not None and limit < 1:
+        raise LunarisError(f"--limit must be a positive integer, got {limit}.")
+    if batch_size is not None and batch_size < 1:
+        raise LunarisError(f"--batch-size must be a positive integer, got {batch_size}.")
+    specs = parse_specs(tasks, limit)
+    loaded = [load_task(spec) for spec in specs]  # every task file read before the (slow) model load
+    model = load_model(checkpoint, device, dtype, threads)
+    meta = checkpoint_metadata(checkpoint)
+    tok = load_tokenizer(find_tokenizer(checkpoint, tokenizer), model.config.vocab_size)
+    encoded = [encode_task(task, token_encoder(tok), end_of_text_id(tok), model.config.max_seq_len)
+               for task in loaded]
+    batch_size = batch_size or int(meta["config"].get("batch_size") or 8)
+    start = time.perf_counter()
+    results = evaluate_tasks(model, loaded, encoded, batch_size)
+    summary = {"checkpoint": meta["path"], "step": meta["step"], "tasks": results,
+               "seq_len": model.config.max_seq_len, "batch_size": batch_size,
+               "seconds": round(time.perf_counter() - start, 3)}
+    if json_path is not None:
+        atomic_write_json(Path(json_path), summary)
+    return summary

@@ -1,7 +1,8 @@
 """`lunaris plot RUN_DIR`: training curves (and MoC expert utilization) from `RUN_DIR/metrics.jsonl`.
 
 metrics.jsonl holds one JSON object per logged step: `step` plus the metric names listed in the README
-(`loss/total`, `val/loss`, `lr`, `grad_norm`, `throughput/tokens_per_sec`, `experts/util_layer{l}/e{i}`, ...).
+(`loss/total`, `val/loss`, `eval/<task>/acc`, `lr`, `grad_norm`, `throughput/tokens_per_sec`,
+`experts/util_layer{l}/e{i}`, ...).
 """
 
 import json
@@ -66,6 +67,8 @@ def panels_for(series: dict) -> list:
     """
     dense = not any(series.get("loss/aux", ([], []))[1])
     panels = [(title, [k for k in keys if k in series and not (dense and k == "loss/main")]) for title, keys in PANELS]
+    tasks = sorted(k for k in series if k.startswith("eval/") and k.endswith("/acc"))  # eval_tasks
+    panels.insert(1, ("task accuracy (eval_tasks)", tasks))
     return [(title, keys) for title, keys in panels if keys]
 
 
@@ -89,7 +92,7 @@ def plot_run(run_dir, out=None) -> Path:
     for ax, (title, keys) in zip(axes, panels):
         for key in keys:
             steps, values = series[key]
-            ax.plot(steps, values, label=key, marker="o" if key.startswith("val/") else None, markersize=3)
+            ax.plot(steps, values, label=key, marker="o" if key.startswith(("val/", "eval/")) else None, markersize=3)
         ax.set_title(title)
         ax.set_xlabel("step")
         if len(keys) > 1:

@@ -8,7 +8,7 @@ Layouts accepted everywhere a data directory is expected:
 
   `DIR` itself means its `train/` split; `DIR/train` or `DIR/val` can also be given directly (the
   manifest one level up is still used to check them);
-* the seeds' layout: a flat directory of `.npy` shards and no manifest.
+* a flat directory of `.npy` shards and no manifest (bring your own shards).
 
 Each shard is a 1-D `.npy` array of token ids, uint16 (vocabularies up to 65,536 ids) or uint32.
 All shards of a directory, in sorted file-name order, form one token stream of N tokens. With

@@ -141,9 +141,24 @@ def _partial_sections(wanted: dict) -> list:
                    and _imported_module(node).split(".")[0] not in ("lunaris", "__future__")
                    and _bound_names(node) & used]
         body = "\n".join(module.segment(node) for node in imports) + "\n\n\n"
-        body += "\n\n\n".join(module.segment(node) for node in kept)
+        body += "\n\n\n".join(_segment_without_nested_imports(module, node) for node in kept)
         sections.append((module_name, body))
     return sections
+
+
+def _segment_without_nested_imports(module: _Module, node) -> str:
+    """A kept definition's source, its nested `from lunaris... import` lines made `pass`: they serve code paths
+    of Lunaris itself (e.g. validating training-only keys) that the exported model never runs."""
+    first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+    lines = module.lines[first - 1:node.end_lineno]
+    nested = [n for n in ast.walk(node)
+              if isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] == "lunaris"]
+    for imp in sorted(nested, key=lambda n: -n.lineno):
+        text = lines[imp.lineno - first]
+        indent = text[:len(text) - len(text.lstrip())]
+        removed = f"{indent}pass  # (a lunaris import, removed by the export)"
+        lines[imp.lineno - first:imp.end_lineno - first + 1] = [removed]
+    return "\n".join(lines)
 
 
 def _dependency_order(modules: dict) -> list:

@@ -1,4 +1,10 @@
-"""Causal grouped-query attention with a fused QKV projection, rotary embeddings and a KV cache."""
+"""Causal grouped-query attention with a fused QKV projection, rotary embeddings and a KV cache.
+
+Two ways through a layer: `forward` (training, evaluation, the prompt pass of generation: T tokens, keys so far
+from `cache.update`) and `decode` (one new token per row with static shapes: the key/value is written at a
+position given as a tensor and attention runs over the whole preallocated cache under a mask, so that
+torch.compile captures one graph for every step of a generation).
+"""
 
 import torch
 import torch.nn as nn
@@ -10,9 +16,37 @@ from lunaris.model.layers import apply_rotary
 # materializing the repeated keys/values (a copy forward, a reduction backward).
 SDPA_HAS_GQA = torch.__version__ >= (2, 5)
 
+# Up to this many rows (batch size of a decode step), `decode_linear` computes a compiled CPU product as a
+# multiply-and-sum that reads each weight once; above it, a matrix product (F.linear) is the better kernel.
+MATVEC_MAX_ROWS = 8
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., D_in) @ weight.T (weight (D_out, D_in), no bias) for the few rows of a decode step.
+
+    Eager: F.linear, exactly what nn.Linear computes. Under torch.compile on CPU, for at most MATVEC_MAX_ROWS
+    rows: the product written as a broadcast multiply and a sum over D_in, which inductor turns into one fused,
+    vectorized loop that streams each weight row once (rows innermost, so a small batch still reads every weight
+    once). A batch-1 decode step is bound by reading the weights, and that loop reads them faster than the BLAS
+    matrix-vector call F.linear makes on CPUs like the one BENCHMARKS.md reports on. The sum runs in another
+    order than the BLAS kernel's, so logits differ from eager in the last bits (tests allow 1e-4).
+    """
+    if not (torch.compiler.is_compiling() and x.device.type == "cpu"):
+        return F.linear(x, weight)
+    rows = x.reshape(-1, x.shape[-1])                                    # (R, D_in)
+    if rows.shape[0] > MATVEC_MAX_ROWS:
+        return F.linear(x, weight)
+    out = (weight.unsqueeze(1) * rows.unsqueeze(0)).sum(dim=-1)         # (D_out, R)
+    return out.t().reshape(*x.shape[:-1], weight.shape[0])
+
 
 class KVCache:
-    """Preallocated keys and values of one layer at n_kv_heads: (B, Hkv, T_max, hd) each."""
+    """Preallocated keys and values of one layer at n_kv_heads: (B, Hkv, T_max, hd) each.
+
+    `update(k, v, start)` writes at the integer position `start` and returns the keys/values so far (the prompt
+    pass; Hugging Face cache adapters offer the same interface). `write(k, v, slot)` writes at a position held in
+    a tensor and returns the whole buffers, the static shapes of a compiled decode step.
+    """
 
     def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, device, dtype):
         shape = (batch, n_kv_heads, max_len, head_dim)
@@ -26,6 +60,18 @@ class KVCache:
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def write(self, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor, length: int = None):
+        """Write k, v (B, Hkv, T, hd) at positions `slot` ((T,) long tensor) in place; return the buffers.
+
+        `length` returns only the first `length` positions (views; eager decoding, which knows the position on
+        the host and so attends over the filled part only); None returns the whole buffers (static shapes).
+        """
+        self.k.index_copy_(2, slot, k)
+        self.v.index_copy_(2, slot, v)
+        if length is None:
+            return self.k, self.v
+        return self.k[:, :, :length], self.v[:, :, :length]
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
@@ -36,16 +82,51 @@ class CausalSelfAttention(nn.Module):
         self.proj.residual_out = True  # depth-scaled init
         self.dropout = config.dropout
 
-    def forward(self, x, cos, sin, cache: KVCache = None, start: int = 0):
+    def forward(self, x, cos, sin, cache: KVCache = None, start: int = 0, mask: torch.Tensor = None):
+        """x (B, T, D); cos/sin (T, hd), or (B, 1, T, hd) for per-row positions (left-padded prompts).
+
+        `mask` (B, 1, T, S) bool, True where a query may see a key, replaces the causal mask (padded prompts).
+        """
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split(
+        q, k, v = self._project(x, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, start)                                # (B, Hkv, start+T, hd)
+        if mask is None:
+            mask = self._decode_mask(T, k.shape[2], x.device)
+            causal = k.shape[2] == T and T > 1
+        else:
+            causal = False
+        y = self._attend(q, k, v, mask, causal)
+        return self.proj(y)
+
+    def decode(self, x, cos, sin, cache: KVCache, slot: torch.Tensor, mask: torch.Tensor = None,
+               length: int = None):
+        """One new token per row, with static shapes: x (B, 1, D) -> (B, 1, D).
+
+        Its key/value goes to cache position `slot` ((1,) long tensor, one position for the whole batch: prompts
+        are left-padded). Attention runs over the first `length` cache positions (eager, which knows the
+        position on the host), or over the whole cache (length None, static shapes), `mask` ((B or 1, 1, 1, S)
+        bool) hiding the positions not to see: left padding, and with length None the unwritten ones.
+        """
+        q, k, v = self._project(x, cos, sin, decode_linear)
+        k, v = cache.write(k, v, slot, length)                             # (B, Hkv, S, hd)
+        y = self._attend(q, k, v, mask, False)
+        return decode_linear(y, self.proj.weight)
+
+    def _project(self, x, cos, sin, linear=None):
+        """q (B, Hq, T, hd), k and v (B, Hkv, T, hd), q and k rotated; `linear(x, weight)` replaces self.qkv."""
+        B, T, _ = x.shape
+        qkv = self.qkv(x) if linear is None else linear(x, self.qkv.weight)
+        q, k, v = qkv.split(
             [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)      # (B, Hq, T, hd)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)   # (B, Hkv, T, hd)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)   # (B, Hkv, T, hd)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(k, v, start)                                # (B, Hkv, start+T, hd)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def _attend(self, q, k, v, mask, causal: bool):
+        """SDPA of q (B, Hq, T, hd) over k, v (B, Hkv, S, hd) -> (B, T, Hq * hd)."""
+        B, _, T, _ = q.shape
         gqa = {}
         if self.n_kv_heads != self.n_heads:  # each KV head serves n_heads/n_kv_heads query heads
             if SDPA_HAS_GQA:
@@ -54,10 +135,8 @@ class CausalSelfAttention(nn.Module):
                 repeat = self.n_heads // self.n_kv_heads
                 k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)  # (B, Hq, S, hd)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=self._decode_mask(T, k.shape[2], x.device),
-            dropout_p=self.dropout if self.training else 0.0, is_causal=(k.shape[2] == T and T > 1), **gqa)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        return self.proj(y)
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=causal, **gqa)
+        return y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
 
     @staticmethod
     def _decode_mask(T: int, S: int, device):

@@ -1,12 +1,12 @@
 """LunarisCodex: a decoder-only transformer, dense (Llama-style) or MoC (mixture of collaborating experts).
 
 Read top to bottom: Block (pre-norm attention + pre-norm FFN), then the model (embedding, blocks,
-final norm, tied LM head), its loss, FLOP count and optimizer groups. Single-device code: parallelism,
-compilation and precision are applied from outside (lunaris.train).
+final norm, tied LM head), its loss, the one-token decode step (generation.py runs the decoding loop), FLOP
+count and optimizer groups. Single-device
+code: parallelism, training compilation and precision are applied from outside (lunaris.train).
 """
 
 import math
-import warnings
 from typing import NamedTuple, Optional
 
 import torch
@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lunaris.config import LunarisCodexConfig, raise_problems
-from lunaris.model.attention import CausalSelfAttention, KVCache
-from lunaris.model.layers import ReasoningFeedForward, RMSNorm, RotaryEmbedding
-from lunaris.model.sampling import check_prompt_length, check_sampling_args, sample_next_token
+from lunaris.model.attention import CausalSelfAttention, KVCache, decode_linear
+from lunaris.model.generation import decode_compile_options, generate_tokens, stream_tokens
+from lunaris.model.layers import ReasoningFeedForward, RMSNorm, RotaryEmbedding, irl_iterate
 
 
 class ModelOutput(NamedTuple):
@@ -45,10 +45,33 @@ class Block(nn.Module):
         self.ffn = make_ffn(config, layer)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin, cache: KVCache = None, start: int = 0):
-        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache, start))   # (B, T, D)
+    def forward(self, x, cos, sin, cache: KVCache = None, start: int = 0, mask: torch.Tensor = None):
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache, start, mask))   # (B, T, D)
         y, aux, stats = self.ffn(self.ffn_norm(x))
         return x + self.dropout(y), aux, stats
+
+    def decode(self, x, cos, sin, cache: KVCache, slot: torch.Tensor, mask: torch.Tensor = None,
+               length: int = None):
+        """One new token per row, static shapes (CausalSelfAttention.decode); eval only: no dropout, no aux."""
+        x = x + self.attn.decode(self.attn_norm(x), cos, sin, cache, slot, mask, length)    # (B, 1, D)
+        return x + decode_ffn(self.ffn, self.ffn_norm(x))
+
+
+def decode_ffn(ffn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A block's FFN output for a decode step: the dense IRL FFN through `decode_linear`, a MoC layer as in forward.
+
+    The dense path computes what ReasoningFeedForward/SwiGLU compute (eager: the same operations, so the same
+    bits); under torch.compile on CPU its products become the weight-streaming loops of `decode_linear`.
+    """
+    if not isinstance(ffn, ReasoningFeedForward):
+        return ffn(x)[0]                                       # MoC: (y, aux, stats); dropless in eval mode
+    swiglu = ffn.ffn
+    w_gate, w_up = swiglu.gate_up.weight.chunk(2, dim=0)       # (H, D) each
+
+    def step(z):
+        return decode_linear(F.silu(decode_linear(z, w_gate)) * decode_linear(z, w_up), swiglu.down.weight)
+
+    return irl_iterate(step, x, ffn.steps, ffn.alpha)
 
 
 class LunarisCodex(nn.Module):
@@ -86,24 +109,29 @@ class LunarisCodex(nn.Module):
 
     # ---- forward ----
     def forward(self, idx: torch.Tensor, targets: torch.Tensor = None, caches: list = None, start: int = 0,
-                last_logits_only: bool = False):
+                last_logits_only: bool = False, positions: torch.Tensor = None, attn_mask: torch.Tensor = None):
         """idx (B, T) token ids; targets (B, T) with -1 ignored; caches/start for cached decoding.
 
         `last_logits_only` computes logits for the last position only (B, 1, vocab): decoding needs just
         the next-token distribution, not a (T, vocab) LM-head product over the whole prompt.
+        Left-padded prompts (generation) pass `positions` (B, T), each token's rotary position, and
+        `attn_mask` (B, 1, T, T) bool, True where a query may see a key, instead of the causal mask.
         """
         B, T = idx.shape
         if start + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
-        cos, sin = self.rotary(start, T)                       # (T, hd) each, fp32
+        if positions is None:
+            cos, sin = self.rotary(start, T)                   # (T, hd) each, fp32
+        else:
+            cos, sin = self.rotary.cos[positions].unsqueeze(1), self.rotary.sin[positions].unsqueeze(1)  # (B, 1, T, hd)
         x = self.wte(idx)                                      # (B, T, D)
         aux_losses, layer_stats = [], []
         for i, block in enumerate(self.blocks):
             cache = caches[i] if caches is not None else None
             if self.config.use_gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x, aux, stats = checkpoint(block, x, cos, sin, cache, start, use_reentrant=False)
+                x, aux, stats = checkpoint(block, x, cos, sin, cache, start, attn_mask, use_reentrant=False)
             else:
-                x, aux, stats = block(x, cos, sin, cache, start)
+                x, aux, stats = block(x, cos, sin, cache, start, attn_mask)
             if aux is not None:
                 aux_losses.append(aux)
             layer_stats.append(stats)
@@ -133,51 +161,56 @@ class LunarisCodex(nn.Module):
         c, weight = self.config, self.wte.weight
         return [KVCache(batch, c.kv_heads, length, c.head_dim, weight.device, weight.dtype) for _ in self.blocks]
 
-    @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = None,
-                 top_p: float = None, eos_token_id: int = None, generator: torch.Generator = None) -> torch.Tensor:
-        """Continue the prompts idx (B, T); returns (B, T + n) with n <= max_new_tokens.
+    def decode_step(self, token: torch.Tensor, slot: torch.Tensor, caches: list, pad: torch.Tensor = None,
+                    key_ok: torch.Tensor = None, length: int = None) -> torch.Tensor:
+        """Next-token logits (B, vocab) after one new token per row: the step torch.compile captures once.
 
-        temperature 0 is greedy; top_k / top_p restrict sampling to the most likely tokens. Stops when every
-        row has produced `eos_token_id` (finished rows are padded with it), or, with a warning, at max_seq_len.
+        token (B, 1) ids go to cache position `slot`, a (1,) long tensor shared by the batch (prompts are
+        left-padded so that every row's newest token is at the same position). `pad` (B, 1) long: each row's
+        left padding, so row b is at rotary position slot - pad[b], exactly where it would be alone; None when
+        nothing is padded. `key_ok` (B, S) bool: cache positions that are not padding. `length` (eager only):
+        attend over the first `length` positions (slot + 1); None (the static shape) attends over the whole
+        cache, the positions after `slot` masked. No shape depends on the step and nothing is allocated per
+        step but activations: the cache is written in place, the position is a tensor, and the LM head sees one
+        position per row.
         """
-        new_tokens = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator))
-        return torch.cat([idx, *new_tokens], dim=1)
+        if pad is None:
+            cos, sin = self.rotary.cos[slot], self.rotary.sin[slot]                      # (1, hd)
+        else:
+            position = slot - pad                                                         # (B, 1)
+            cos, sin = self.rotary.cos[position].unsqueeze(1), self.rotary.sin[position].unsqueeze(1)  # (B, 1, 1, hd)
+        if length is not None:
+            mask = None if key_ok is None else key_ok[:, None, None, :length]            # (B, 1, 1, length)
+        else:
+            written = torch.arange(caches[0].k.shape[2], device=slot.device) <= slot     # (S,)
+            mask = written.view(1, 1, 1, -1) if key_ok is None else (written & key_ok)[:, None, None, :]
+        x = self.wte(token)                                                               # (B, 1, D)
+        for block, cache in zip(self.blocks, caches):
+            x = block.decode(x, cos, sin, cache, slot, mask, length)
+        return decode_linear(self.norm(x), self.lm_head.weight)[:, -1]                  # (B, vocab)
 
     @torch.no_grad()
-    def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = None,
-                        top_p: float = None, eos_token_id: int = None, generator: torch.Generator = None):
-        """Yield the next token of every row, (B, 1), one step at a time (arguments as in `generate`).
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int = None, top_p: float = None,
+                 eos_token_id: int = None, generator: torch.Generator = None, *, compile=None, stats: dict = None):
+        """Continue prompts: a (B, T) tensor -> (B, T + n), or a list of prompts of any lengths -> a list of 1-D
+        tensors. temperature 0 is greedy; top_k / top_p restrict sampling. See `generation.generate_tokens`."""
+        return generate_tokens(self, idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator,
+                                   compile=compile, stats=stats)
 
-        One forward pass over the prompt fills the KV caches (prefill), then each step feeds only the newest
-        token at its position. Runs in eval mode (dropout off, MoC dropless) and restores the previous mode.
-        """
-        check_sampling_args(max_new_tokens, temperature, top_k, top_p)
-        B, T = idx.shape
-        limit = self.config.max_seq_len
-        check_prompt_length(T, limit)
-        steps = min(max_new_tokens, limit - T)  # the whole sequence stays within max_seq_len
-        was_training = self.training
-        self.eval()
-        try:
-            caches = self.new_kv_caches(B, T + steps)
-            logits = self(idx, caches=caches, last_logits_only=True).logits[:, -1]      # (B, vocab)
-            finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
-            for step in range(steps):
-                token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B, 1)
-                if eos_token_id is not None:
-                    token = token.masked_fill(finished[:, None], eos_token_id)  # finished rows repeat eos
-                    finished |= token[:, 0] == eos_token_id
-                yield token
-                if eos_token_id is not None and bool(finished.all()):
-                    return
-                if step + 1 < steps:
-                    logits = self(token, caches=caches, start=T + step, last_logits_only=True).logits[:, -1]
-            if steps < max_new_tokens:
-                warnings.warn(f"generation stopped after {steps} of {max_new_tokens} new tokens: the sequence reached "
-                              f"the model's context limit, max_seq_len={limit}.", stacklevel=2)
-        finally:
-            self.train(was_training)
+    @torch.no_grad()
+    def generate_stream(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int = None,
+                        top_p: float = None, eos_token_id: int = None, generator: torch.Generator = None, *,
+                        compile=None, stats: dict = None):
+        """Yield the next token of every row, (B, 1), one step at a time. See `generation.stream_tokens`."""
+        yield from stream_tokens(self, idx, max_new_tokens, temperature, top_k, top_p, eos_token_id,
+                                              generator, compile=compile, stats=stats)
+
+    def decode_compile_options(self, compile, steps: int):
+        """torch.compile options of the decode step, or None for eager. See `generation.decode_compile_options`."""
+        return decode_compile_options(self, compile, steps)
+
+    def _decode_device_type(self) -> str:
+        return self.wte.weight.device.type
 
     # ---- accounting ----
     def num_params(self, exclude_embedding: bool = False) -> int:
@@ -201,14 +234,15 @@ class LunarisCodex(nn.Module):
 
     # ---- optimizer ----
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95),
-                             device_type: str = "cpu", router_lr_scale: float = 0.5):
+                             device_type: str = "cpu", router_lr_scale: float = 0.5, exclude=frozenset()):
         """AdamW with groups decay (>=2-D weights), no_decay (norms, biases), router (no decay, lr_scale).
 
         Every group carries `lr_scale`; the trainer's schedule sets lr = schedule(step) * lr_scale.
+        Parameters whose id() is in `exclude` are left out (another optimizer, e.g. Muon, updates them).
         """
         groups = {"decay": [], "no_decay": [], "router": []}
         for name, param in self.named_parameters():
-            if not param.requires_grad:
+            if not param.requires_grad or id(param) in exclude:
                 continue
             if "router" in name:
                 groups["router"].append(param)

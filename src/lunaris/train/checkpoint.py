@@ -18,6 +18,7 @@ classes, so loading one never runs code)::
      "config":          TrainConfig as a plain dict; config["model"] is the model's dict,
      "bad_steps":       consecutive non-finite steps at save time,
      "tokens_seen":     training tokens consumed so far (all ranks),
+     "train_seconds":   wall-clock seconds spent in training steps so far,
      "world_size":      processes of the run that wrote it,
      "lunaris_version": package version string}
 

@@ -2,7 +2,8 @@
 
 Metric names are the same everywhere: `loss/total`, `loss/main`, `loss/aux`,
 `perplexity`, `lr`, `grad_norm` (before clipping), `throughput/tokens_per_sec`, `throughput/mfu`,
-`val/loss`, `val/perplexity`, plus whatever the model reports (`experts/util_layer{l}/e{i}`,
+`val/loss`, `val/perplexity`, `eval/<task>/acc`, `eval/<task>/acc_norm`, `eval/tasks_seconds` (eval_tasks),
+plus whatever the model reports (`experts/util_layer{l}/e{i}`,
 `experts/drop_rate_layer{l}`, `irl/update_norm_step{t}`). Only rank 0 writes anything.
 
 `metrics.jsonl` holds one JSON object per logged step, e.g.
@@ -54,6 +55,10 @@ def format_console_line(step: int, max_steps: int, metrics: dict) -> str:
         parts.append(f"mfu {100 * metrics['throughput/mfu']:.1f}%")
     if "val/loss" in metrics:
         parts.append(f"val_loss {metrics['val/loss']:.4f}")
+    accuracies = [f"{key[5:-4]} {value:.3f}" for key, value in metrics.items()
+                  if key.startswith("eval/") and key.endswith("/acc") and isinstance(value, float)]
+    if accuracies:  # eval_tasks, and what scoring them cost
+        parts.append(f"acc {', '.join(accuracies)} ({metrics.get('eval/tasks_seconds', 0.0):.1f} s)")
     return " | ".join(parts)
 
 
@@ -83,7 +88,7 @@ class RunLogger:
         if not path.exists():
             return
         if not resumed:  # a fresh run in a used directory: keep the old log beside it
-            os.replace(path, self.out_dir / "metrics.previous.jsonl")
+            os.replace(path, self.out_dir / "metrics.previous.jsonl")  # a rename of a whole file: nothing half-written
             return
         kept = []
         for line in path.read_text(encoding="utf-8").splitlines():

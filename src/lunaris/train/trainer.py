@@ -43,7 +43,7 @@ from lunaris.train.distributed import (
     teardown_distributed,
     wrap_ddp,
 )
-from lunaris.train.evaluation import held_out_sums, loss_and_perplexity, rank_batches, safe_exp
+from lunaris.train.evaluation import TaskEvaluator, held_out_sums, loss_and_perplexity, rank_batches, safe_exp
 from lunaris.train.logging import RunLogger, banner, import_tensorboard, import_wandb, write_run_files
 from lunaris.train.optim import apply_lr, build_optimizer, lr_at, restore_lr_scales
 from lunaris.train.signals import StopSignals
@@ -115,6 +115,7 @@ class Trainer:
                     import_tensorboard()
                 ckpt.remove_stale_temporaries(self.out_dir)
             state = self.checkpointer.load_state(resume)
+            self.tasks = TaskEvaluator.build(cfg, info, self.out_dir)  # eval_tasks, read and tokenized (or None)
         except LunarisError as exc:
             error = exc
         raise_together(error, info)
@@ -182,6 +183,7 @@ class Trainer:
         self.step = int(state.get("step", 0))
         self.bad_steps = int(state.get("bad_steps", 0))
         self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.train_seconds = float(state.get("train_seconds", 0.0))  # in steps only (no eval, no saving)
         rng = state.get("rng") or []
         if not state:
             seed = cfg.seed + info.rank  # dropout differs across ranks; data order comes from the loader
@@ -269,7 +271,9 @@ class Trainer:
         while self.step < cfg.max_steps:
             began = time.perf_counter()
             result = self.train_step(self.step)
-            interval_time += time.perf_counter() - began  # train_step ends with a host sync: real time
+            elapsed = time.perf_counter() - began  # train_step ends with a host sync: real time
+            interval_time += elapsed
+            self.train_seconds += elapsed
             self.step += 1
             self.tokens_seen += self.tokens_per_step
             interval_tokens += self.tokens_per_step
@@ -281,7 +285,7 @@ class Trainer:
             if self.step % cfg.log_interval == 0 or self.step in (start + 1, cfg.max_steps):
                 record = self._train_metrics(result, tokens_per_sec)
                 interval_time, interval_tokens = 0.0, 0
-            if self.val_dir is not None and cfg.eval_interval > 0 and (
+            if (self.val_dir is not None or self.tasks) and cfg.eval_interval > 0 and (
                     self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps):
                 record.update(self.evaluate())
             if record:
@@ -314,6 +318,7 @@ class Trainer:
             values = all_reduce_sum(torch.stack([metrics[k].detach().float().reshape(()) for k in keys]))
             record.update(zip(keys, (values / self.info.world_size).tolist()))
         record["tokens_seen"] = self.tokens_seen
+        record["time/train_seconds"] = self.train_seconds
         record["epoch"] = int(self.loader.epoch)
         return record
 
@@ -338,15 +343,18 @@ class Trainer:
     # ---- evaluation and checkpoints --------------------------------------------------------------------
 
     def evaluate(self) -> dict:
-        """Token-mean cross-entropy over the held-out batches of every rank (dropless, eval mode)."""
+        """Token-mean cross-entropy over the held-out batches of every rank (dropless, eval mode); eval_tasks."""
         from lunaris.data import ShardDataset
+        tasks = self.tasks(self.raw_model, self.dtype) if self.tasks else {}
+        if self.val_dir is None:
+            return tasks
         if self.val_batches is None:
             self.val_batches = rank_batches(ShardDataset(self.val_dir, self.seq_len), self.config.batch_size,
                                             self.config.eval_batches, self.info.rank, self.info.world_size)
         # uncompiled: eval is rare, and a second compiled graph costs memory
         totals = all_reduce_sum(held_out_sums(self.raw_model, self.val_batches, self.info.device, self.dtype))
         loss, perplexity = loss_and_perplexity(*totals.tolist()[:2])
-        return {"val/loss": loss, "val/perplexity": perplexity}
+        return {"val/loss": loss, "val/perplexity": perplexity, **tasks}
 
     def save(self, final: bool) -> Path:
         """Save on the right ranks; returns the checkpoint path. Called on every rank."""
@@ -354,6 +362,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(), "step": self.step, "epoch": int(self.loader.epoch),
             "data_state": self.loader.state_dict(), "rng": gather_objects(ckpt.capture_rng()),
             "config": self.config.to_dict(), "bad_steps": self.bad_steps, "tokens_seen": self.tokens_seen,
+            "train_seconds": self.train_seconds,
             "world_size": self.info.world_size, "lunaris_version": lunaris.__version__,
         }
         path = self.checkpointer.save(self.raw_model, self.optimizer, state, self.step, final)

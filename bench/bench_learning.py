@@ -1,0 +1,163 @@
+"""Learning efficiency: how good a model each training recipe gets for the same wall-clock budget on this machine.
+
+    python bench/bench_learning.py                                # every recipe, 200 s each, 2 seeds
+    python bench/bench_learning.py --budget 60 --seeds 1 --recipes baseline,muon
+
+The corpus is the demo's (Python standard-library source, 4,096-token tokenizer, prepared once under --out) and the
+model the `demo-cpu` preset. Each recipe (a list of config overrides) trains in a fresh process: a few timed steps
+pick the step count that fills --budget seconds, so every schedule decays fully, then the run trains and scores the
+whole held-out split. The metric is validation bits per byte, which does not depend on the tokenizer. Recipes run
+one after another, never concurrently. "time to baseline" is the training time at which a recipe's held-out curve
+first reaches the baseline's final bits per byte (mean over seeds), linearly interpolated between evaluations.
+Prints a markdown table and writes JSON (--json).
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+RECIPES = {  # name -> overrides of the demo-cpu preset
+    "baseline": [],
+    "wsd": ["--lr_schedule=wsd"],
+    "muon": ["--optimizer=muon"],
+    "muon+wsd": ["--optimizer=muon", "--lr_schedule=wsd"],
+}
+VOCAB = 4096
+EVALS = 8  # held-out evaluations per run, for the time-to-target curve
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--budget", type=float, default=200.0, help="training seconds per run (default 200)")
+    p.add_argument("--seeds", type=int, default=2, help="runs per recipe, seeds 0..N-1 (default 2)")
+    p.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, of: {', '.join(RECIPES)}")
+    p.add_argument("--corpus-mb", type=float, default=6.0, help="MB of standard-library source (default 6)")
+    p.add_argument("--out", type=Path, default=Path("runs/bench-learning"), help="data and runs go here")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--threads", type=int, help="torch threads of each run (default: torch's choice)")
+    p.add_argument("--max-steps", type=int, help="cap every run at this many steps (a quick smoke test)")
+    p.add_argument("--eval-batches", type=int, default=8, help="held-out batches per evaluation of the curve")
+    p.add_argument("--worker", nargs=3, metavar=("RECIPE", "SEED", "RUN_DIR"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    unknown = [r for r in args.recipes.split(",") if r not in RECIPES]
+    if unknown:
+        p.error(f"unknown recipe(s) {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
+    if args.budget <= 0 or args.seeds < 1 or args.corpus_mb <= 0:
+        p.error("--budget, --seeds and --corpus-mb must be positive")
+    return args
+
+
+# ---- one run, in its own process ---------------------------------------------------------------------
+
+def worker(recipe: str, seed: int, run_dir: Path, args) -> dict:
+    """Calibrate, train for the budget, score the whole held-out split; returns the run's numbers."""
+    import torch
+
+    from lunaris.config import load_config
+    from lunaris.data import ShardDataset
+    from lunaris.demo import PRESET, calibrate_steps
+    from lunaris.evaluate import bytes_per_token, evaluate
+    from lunaris.train.checkpoint import model_from_checkpoint
+    from lunaris.train.trainer import train
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data_dir = args.out / "data"
+    config = load_config(PRESET, [f"--data_dir={data_dir}", f"--out_dir={run_dir}", f"--model.vocab_size={VOCAB}",
+                                  f"--seed={seed}", "--device=cpu", "--num_workers=0", *RECIPES[recipe]])
+    config.max_steps = calibrate_steps(config, args.budget / 60, share=1.0)
+    if args.max_steps:
+        config.max_steps = min(config.max_steps, args.max_steps)
+    config.eval_batches = args.eval_batches
+    config.warmup_steps = max(1, config.max_steps // 20)
+    config.eval_interval = config.log_interval = max(1, config.max_steps // EVALS)
+    config.save_interval = config.max_steps
+    config.validate()
+    result = train(config, resume=False)
+    per_byte = bytes_per_token(data_dir / "val")
+    curve = [(r["time/train_seconds"], r["val/loss"] / math.log(2) / per_byte)
+             for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "val/loss" in r]
+    model = model_from_checkpoint(run_dir)
+    held_out = evaluate(model, ShardDataset(data_dir / "val", config.model.max_seq_len), config.batch_size,
+                        bytes_per_token=per_byte)
+    return {"recipe": recipe, "seed": seed, "steps": result.step, "tokens": result.step * config.batch_size
+            * config.model.max_seq_len * config.gradient_accumulation_steps, "params": model.num_params(),
+            "train_seconds": curve[-1][0], "step_ms": 1000 * curve[-1][0] / max(result.step, 1),
+            "val_bpb": held_out["bits_per_byte"], "curve": curve}
+
+
+def time_to_reach(curve: list, target: float):
+    """Training seconds at which the curve [(seconds, bpb)] first reaches `target` (interpolated), else None."""
+    previous = (0.0, math.inf)
+    for seconds, bpb in curve:
+        if bpb <= target:
+            if math.isinf(previous[1]):
+                return seconds
+            fraction = (previous[1] - target) / (previous[1] - bpb)
+            return previous[0] + fraction * (seconds - previous[0])
+        previous = (seconds, bpb)
+    return None
+
+
+# ---- the study ---------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        recipe, seed, run_dir = args.worker
+        print("RESULT " + json.dumps(worker(recipe, int(seed), Path(run_dir), args)))
+        return 0
+    from lunaris.demo import prepare_corpus
+    args.out.mkdir(parents=True, exist_ok=True)
+    prepare_corpus(args.out / "data", args.corpus_mb, VOCAB, 0, echo=lambda line: print(line, file=sys.stderr))
+    rows = []
+    for recipe in args.recipes.split(","):
+        for seed in range(args.seeds):
+            run_dir = args.out / "runs" / f"{recipe}-seed{seed}"
+            command = [sys.executable, __file__, "--worker", recipe, str(seed), str(run_dir), "--budget",
+                       str(args.budget), "--corpus-mb", str(args.corpus_mb), "--out", str(args.out)]
+            for option in ("threads", "max_steps"):
+                if getattr(args, option):
+                    command += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
+            command += ["--eval-batches", str(args.eval_batches)]
+            print(f"[{time.strftime('%H:%M:%S')}] {recipe}, seed {seed}", file=sys.stderr, flush=True)
+            done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
+            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            if done.returncode != 0 or not lines:
+                raise SystemExit(f"{recipe} seed {seed} failed:\n{done.stderr[-3000:]}")
+            rows.append(json.loads(lines[-1][len("RESULT "):]))
+    report = summarize(rows, args)
+    print(report["table"])
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def summarize(rows: list, args) -> dict:
+    baseline = [r for r in rows if r["recipe"] == "baseline"]
+    target = statistics.mean(r["val_bpb"] for r in baseline) if baseline else None
+    lines = [f"Budget {args.budget:g} s per run, {args.seeds} seed(s); validation bits per byte on the whole "
+             f"held-out split" + (f"; baseline's final bpb {target:.4f}" if target else ""), "",
+             "| recipe | seed | steps | tokens seen | params | step ms | val bpb | vs baseline "
+             "| time to baseline bpb |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        reach = time_to_reach(r["curve"], target) if target else None
+        r["seconds_to_baseline"] = reach
+        versus = f"{100 * (r['val_bpb'] / target - 1):+.1f}%" if target else "-"
+        lines.append(f"| {r['recipe']} | {r['seed']} | {r['steps']} | {r['tokens']:,} | {r['params'] / 1e6:.2f}M | "
+                     f"{r['step_ms']:.0f} | {r['val_bpb']:.4f} | {versus} | "
+                     f"{'not reached' if reach is None else f'{reach:.0f} s'} |")
+    return {"budget_seconds": args.budget, "seeds": args.seeds, "baseline_bpb": target, "results": rows,
+            "table": "\n".join(lines)}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
