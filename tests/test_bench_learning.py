@@ -32,6 +32,19 @@ def test_unknown_recipe_is_a_clear_error(capsys):
     assert "unknown recipe(s) adam9" in capsys.readouterr().err
 
 
+def test_recipe_seed_counts_and_every_option_loads(capsys):
+    bench = load_script()
+    args = bench.parse_args(["--seeds", "1", "--recipes", "baseline:2,muon,demo-cpu:3"])
+    assert args.plan == [("baseline", 2), ("muon", 1), ("demo-cpu", 3)]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--recipes", "baseline:two"])
+    assert "seed count" in capsys.readouterr().err
+    from lunaris.config import load_config
+    from lunaris.demo import PRESET
+    for overrides in bench.RECIPES.values():  # every recipe is a valid config (load_config validates)
+        load_config(bench.BASELINE if overrides is not None else PRESET, overrides or [])
+
+
 def test_two_recipes_train_in_fresh_processes_and_are_scored(tmp_path, monkeypatch, capsys):
     bench = load_script()
     out = tmp_path / "study"

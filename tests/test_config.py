@@ -29,6 +29,9 @@ def test_seed_dense_example_loads_unchanged():
     assert config.learning_rate == 2.0e-4 and config.warmup_steps == 2000 and config.max_steps == 200000
     assert config.batch_size == 32 and config.gradient_accumulation_steps == 4 and config.compile_model is True
     assert config.wandb_project is None and config.wandb_run_name == "experiment-001"
+    # the recipe options stay off for configs that do not name them: the 2023 recipe, exactly as before
+    assert (config.optimizer, config.lr_schedule) == ("adamw", "cosine")
+    assert (m.qk_norm, m.zero_init_out, m.logit_softcap, m.attention_mask) == (False, False, None, "causal")
 
 
 def test_seed_moc_example_loads_unchanged():
@@ -38,6 +41,7 @@ def test_seed_moc_example_loads_unchanged():
     assert m.aux_loss_weight == 1e-2 and m.router_z_loss_weight == 1e-3 and m.dropout == 0.05
     assert m.use_simple_collab is False and m.resolved_collab_mode == "mha"
     assert (config.beta1, config.beta2, config.device) == (0.9, 0.95, "cuda")
+    assert (config.optimizer, config.lr_schedule, m.load_balance, m.qk_norm) == ("adamw", "cosine", "aux_loss", False)
 
 
 def test_overrides_are_typed_and_applied(tmp_path):
@@ -245,3 +249,14 @@ def test_cli_config_shows_parameter_count(tmp_path, capsys):
     assert main(["config", str(FIXTURES / "seed_dense_train_config.yaml"), "--model.n_layers=2"]) == 0
     out = capsys.readouterr().out
     assert "n_layers: 2" in out and "# parameters:" in out
+
+
+def test_collab_mode_none_is_the_top_k_mode_not_null(tmp_path):
+    # "none" is a value of collab_mode (plain top-k MoE), not YAML/CLI null; null still means the default (mha)
+    path = write_yaml(tmp_path, {"model": {"n_experts": 4, "collab_mode": "none"}})
+    assert load_config(path).model.resolved_collab_mode == "none"
+    assert load_config(DEMO_PRESET, ["--model.n_experts=4", "--model.collab_mode=none"]).model.resolved_collab_mode \
+        == "none"
+    assert load_config(DEMO_PRESET, ["--model.n_experts=4", "--model.collab_mode=null"]).model.resolved_collab_mode \
+        == "mha"
+    assert load_config(DEMO_PRESET, ["--wandb_project=none"]).wandb_project is None    # elsewhere none is null

@@ -213,3 +213,103 @@ def test_the_modeling_file_is_assembled_from_the_lunaris_modules_and_refuses_nam
         _check_unique([("a", "def f(): pass"), ("b", "def f(): return 1")])
     with pytest.raises(LunarisError, match="'checkpoint' means different things"):
         _check_unique([("a", "def checkpoint(): pass"), ("b", "from torch.utils.checkpoint import checkpoint")])
+
+
+# ---- recipe options: qk_norm -> Qwen3, zero_init_out -> Llama, softcap and document mask -> remote code -----------
+
+def test_zero_init_out_changes_only_the_initialization_and_exports_as_llama(tmp_path):
+    model = trained_looking_model(zero_init_out=True, norm_bias=False)
+    with torch.no_grad():  # trained: the zero-initialized projections have moved
+        for block in model.blocks:
+            block.attn.proj.weight.normal_(0.0, 0.05)
+            block.ffn.ffn.down.weight.normal_(0.0, 0.05)
+    summary = export_checkpoint(save_run(tmp_path / "run", model), tmp_path / "hf")
+    assert summary["format"] == "llama"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    idx = torch.randint(0, 320, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx).logits, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("overrides", [dict(n_heads=4, n_kv_heads=2), dict(n_heads=4, n_kv_heads=1,
+                                                                          tie_embeddings=False, irl_alpha=0.7)],
+                         ids=["gqa-tied", "mqa-untied-alpha"])
+def test_a_dense_qk_norm_model_exports_as_qwen3_with_the_same_logits(tmp_path, overrides):
+    qwen3 = pytest.importorskip("transformers.models.qwen3", reason="Qwen3 needs transformers >= 4.51")
+    model = context_dependent_model(qk_norm=True, norm_bias=False, rope_theta=500.0, **overrides)
+    summary = export_checkpoint(save_run(tmp_path / "run", model), tmp_path / "hf")
+    assert summary["format"] == "qwen3" and "modeling_lunaris.py" not in summary["files"]
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3ForCausalLM"] and config["model_type"] == "qwen3"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert isinstance(hf, qwen3.Qwen3ForCausalLM)
+    assert hf.config.head_dim == model.config.head_dim and hf.config.rms_norm_eps == model.config.norm_eps
+    idx = torch.randint(0, 320, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx).logits, rtol=0, atol=1e-4)
+    assert torch.equal(hf_greedy(hf, idx[:, :6], 10), model.generate(idx[:, :6], 10, temperature=0))
+    assert_cached_generation_matches_full_recompute(hf, model.config.vocab_size, steps=8)
+
+
+def test_qk_norm_models_qwen3_cannot_express_export_with_their_own_code(tmp_path, monkeypatch):
+    import lunaris.export as export_module
+    biased = trained_looking_model(qk_norm=True, norm_bias=True)       # Qwen3 has no mlp_bias to fold into
+    run = save_run(tmp_path / "run", biased)
+    assert export_checkpoint(run, tmp_path / "hf")["format"] == "lunaris"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
+    idx = torch.randint(0, 320, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, biased(idx).logits, rtol=0, atol=1e-5)
+    with pytest.raises(LunarisError, match="--format qwen3 needs .* norm_bias false"):
+        export_checkpoint(run, tmp_path / "hf2", fmt="qwen3")
+    with pytest.raises(LunarisError, match="--format llama needs a dense model .* no qk_norm"):
+        export_checkpoint(run, tmp_path / "hf2", fmt="llama")
+    # a transformers without Qwen3 (older than 4.51) gets the remote code
+    monkeypatch.setattr(export_module, "qwen3_available", lambda: False)
+    plain = save_run(tmp_path / "run2", trained_looking_model(qk_norm=True, norm_bias=False))
+    assert export_checkpoint(plain, tmp_path / "hf3")["format"] == "lunaris"
+
+
+def test_logit_softcap_exports_with_its_own_code_and_the_same_logits(tmp_path):
+    model = context_dependent_model(logit_softcap=2.0, norm_bias=False)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)
+    run = save_run(tmp_path / "run", model)
+    summary = export_checkpoint(run, tmp_path / "hf")
+    assert summary["format"] == "lunaris"
+    assert "soft_cap" in (tmp_path / "hf" / "modeling_lunaris.py").read_text()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
+    assert type(hf).__name__ == "LunarisForCausalLM"
+    idx = torch.randint(0, 320, (2, 16))
+    with torch.no_grad():
+        logits = hf(idx).logits
+        torch.testing.assert_close(logits, model(idx).logits, rtol=0, atol=1e-4)
+    assert logits.abs().max() <= 2.0
+    assert torch.equal(hf_greedy(hf, idx[:, :5], 8), model.generate(idx[:, :5], 8, temperature=0))
+    with pytest.raises(LunarisError, match="no logit_softcap"):
+        export_checkpoint(run, tmp_path / "hf2", fmt="llama")
+
+
+def test_document_mask_exports_with_its_own_code_and_masks_documents_without_a_cache(tmp_path):
+    eos = byte_level_tokenizer().token_to_id("<|endoftext|>")
+    model = context_dependent_model(attention_mask="document", document_separator_id=eos)
+    summary = export_checkpoint(save_run(tmp_path / "run", model), tmp_path / "hf")
+    assert summary["format"] == "lunaris"
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["lunaris"]["attention_mask"] == "document" and config["lunaris"]["document_separator_id"] == eos
+    assert config["use_cache"] is False  # a plain call computes what our forward computes: documents alone
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
+    docs = [torch.randint(1, 320, (n,)) for n in (7, 12, 5)]
+    docs[0][-1] = docs[1][-1] = eos
+    row = torch.cat(docs)[None]                                             # (1, 24): three documents
+    with torch.no_grad():
+        logits = hf(row).logits
+        torch.testing.assert_close(logits, model(row).logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(logits[0, 7:19], model(docs[1][None]).logits[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(hf(row, labels=row).loss, model(row, targets=torch.cat(
+            [row[:, 1:], torch.full((1, 1), -1)], dim=1)).loss, rtol=1e-5, atol=1e-5)
+        with pytest.warns(UserWarning, match="treats its input as one document"):
+            hf(row, use_cache=True)
+    prompt = torch.randint(1, 320, (1, 6))                                  # generation: one document
+    assert torch.equal(hf_greedy(hf, prompt, 8), model.generate(prompt, 8, temperature=0))

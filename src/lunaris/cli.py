@@ -233,16 +233,42 @@ def cmd_eval(args, overrides):
     return 0
 
 
+def add_analyze_parser(sub):
+    p = sub.add_parser("analyze", help="what the iterative reasoning (IRL) steps of a checkpoint do on held-out data",
+                       description="For a checkpoint of a model with n_reasoning_steps > 1, print per layer and per "
+                                   "IRL step the mean relative update norm |h_t - h_t-1| / |x| (and the cosine of "
+                                   "successive updates), and the validation loss if every IRL FFN stopped after s "
+                                   "steps, s = 1..S, on the batches `lunaris eval` reads (s = S is its loss).")
+    p.add_argument("checkpoint", metavar="CKPT",
+                   help="checkpoint file (ckpt_<step>.pt, latest_checkpoint.pt) or run directory (its newest)")
+    p.add_argument("--data", metavar="DIR", help="prepared data directory (its val/ split) or a directory of "
+                                                 ".npy shards (default: the run's held-out data)")
+    p.add_argument("--batches", type=int, default=20, help="held-out batches to evaluate (default 20)")
+    p.add_argument("--batch-size", type=int, help="sequences per batch (default: the run's batch_size)")
+    p.add_argument("--json", metavar="FILE", help="also write the numbers to FILE")
+    _add_device_args(p)
+    p.set_defaults(func=cmd_analyze)
+
+
+def cmd_analyze(args, overrides):
+    from lunaris.analyze import format_report, run_analyze
+    result = run_analyze(args.checkpoint, data=args.data, max_batches=args.batches, batch_size=args.batch_size,
+                         device=args.device, dtype=args.dtype, threads=args.threads, json_path=args.json)
+    print(format_report(result))
+    return 0
+
+
 def add_export_parser(sub):
-    p = sub.add_parser("export", help="write a Hugging Face model directory (Llama, or Lunaris remote code)",
+    p = sub.add_parser("export", help="write a Hugging Face model directory (Llama, Qwen3, or Lunaris remote code)",
                        description="Export a checkpoint as a Hugging Face model directory: model.safetensors, "
                                    "config.json, generation_config.json and tokenizer files. A dense model with "
-                                   "n_reasoning_steps 1 becomes LlamaForCausalLM; other models (MoC, IRL) carry "
-                                   "their modeling code (load with trust_remote_code=True).")
+                                   "n_reasoning_steps 1 becomes LlamaForCausalLM (with qk_norm: Qwen3ForCausalLM); "
+                                   "other models (MoC, IRL, logit_softcap, attention_mask: document) carry their "
+                                   "modeling code (load with trust_remote_code=True).")
     _add_model_source(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (new or empty, see --force)")
-    p.add_argument("--format", default="auto", choices=["auto", "llama", "lunaris"],
-                   help="auto: llama when the model allows it, else lunaris (remote code)")
+    p.add_argument("--format", default="auto", choices=["auto", "llama", "qwen3", "lunaris"],
+                   help="auto: llama (or qwen3) when the model allows it, else lunaris (remote code)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="dtype of the saved weights")
     p.add_argument("--tokenizer", metavar="FILE", help="tokenizer.json to use instead of the run directory's")
     p.add_argument("--force", action="store_true", help="replace the exported files of a non-empty --out")
@@ -253,8 +279,8 @@ def cmd_export(args, overrides):
     from lunaris.export import export_checkpoint
     summary = export_checkpoint(args.checkpoint, args.out, tokenizer=args.tokenizer, fmt=args.format,
                                 dtype=args.dtype, force=args.force)
-    loader = "LlamaForCausalLM.from_pretrained(DIR)" if summary["format"] == "llama" else \
-        "AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)"
+    loader = {"llama": "LlamaForCausalLM.from_pretrained(DIR)", "qwen3": "Qwen3ForCausalLM.from_pretrained(DIR)"}.get(
+        summary["format"], "AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)")
     print(f"exported {summary['parameters']:,} parameters ({summary['dtype']}) as {summary['format']} to "
           f"{summary['out_dir']}: {', '.join(summary['files'])}\nload it with transformers: {loader}")
     return 0
@@ -303,6 +329,35 @@ def cmd_bench(args, overrides):
     return 0
 
 
+# ---- lunaris sweep ------------------------------------------------------------------------------
+
+def add_sweep_parser(sub):
+    p = sub.add_parser(
+        "sweep", help="train variants of a config at an equal FLOPs, token or time budget; compare them",
+        description="Train every variant of SWEEP (a base config plus each variant's overrides) at the same budget "
+                    "(training FLOPs, tokens or seconds, which set max_steps), one after another, each in a fresh "
+                    "process; score all on the same held-out batches (loss, bits per byte) and write "
+                    "OUT/results.md, OUT/results.json and OUT/sweep.png. Running it again skips finished runs and "
+                    "resumes an interrupted one from its checkpoint. --key=value overrides apply to every variant. "
+                    "The file format: `python -m pydoc lunaris.sweep`, and the examples in bench/sweeps/ "
+                    "of a source checkout.")
+    p.add_argument("sweep", help="sweep YAML file: base (config file) or config (inline), overrides, budget "
+                                 "(flops | tokens | seconds), seeds, eval_batches, variants (name: [overrides])")
+    p.add_argument("--out", help="output directory (default runs/sweeps/<SWEEP file name>)")
+    p.add_argument("--seeds", type=int, help="runs per variant, seeds 0..N-1 (default: the file's seeds, else 1)")
+    p.add_argument("--only", action="extend", type=_globs, metavar="NAME[,NAME]",
+                   help="train only these variants (the report still lists every finished one); repeatable")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (steps, tokens, FLOPs of every variant) and train nothing")
+    p.set_defaults(func=cmd_sweep, accepts_overrides=True)
+
+
+def cmd_sweep(args, overrides):
+    from lunaris.sweep import run_sweep
+    return run_sweep(args.sweep, out=args.out, seeds=args.seeds, only=args.only, dry_run=args.dry_run,
+                     overrides=overrides)
+
+
 # ---- lunaris demo -------------------------------------------------------------------------------
 
 def add_demo_parser(sub):
@@ -329,8 +384,9 @@ def cmd_demo(args, overrides):
 
 # ---- entry point ----------------------------------------------------------------------------------
 
-PARSERS = [add_demo_parser, add_prepare_parser, add_train_parser, add_eval_parser, add_generate_parser,
-           add_export_parser, add_plot_parser, add_config_parser, add_selftest_parser, add_bench_parser]
+PARSERS = [add_demo_parser, add_prepare_parser, add_train_parser, add_eval_parser, add_analyze_parser,
+           add_generate_parser, add_export_parser, add_plot_parser, add_config_parser, add_selftest_parser,
+           add_bench_parser, add_sweep_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -68,11 +68,13 @@ class _Checks:
 
 
 COLLAB_MODES = ("mha", "simple", "none")
+LOAD_BALANCES = ("aux_loss", "bias")
 DEVICES = ("auto", "cuda", "cpu", "mps")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 PARALLELISMS = ("ddp", "fsdp")
 OPTIMIZERS = ("adamw", "muon")
 LR_SCHEDULES = ("cosine", "wsd", "linear")
+ATTENTION_MASKS = ("causal", "document")
 
 
 @dataclass
@@ -98,6 +100,21 @@ class LunarisCodexConfig:
         False, "Recompute each block in the backward pass (less memory, ~30% more compute).")
     n_reasoning_steps: int = _f(1, "IRL steps S in every FFN and expert; 1 is a plain SwiGLU.")
     irl_alpha: Optional[float] = _f(None, "IRL step scale; null means 1/sqrt(n_reasoning_steps).")
+    # --- recipe options ---
+    qk_norm: bool = _f(
+        False, "RMSNorm (learnable weight, no bias, per head over head_dim) on queries and keys before rotary "
+               "(the Qwen3 layout).")
+    zero_init_out: bool = _f(
+        False, "Initialize the residual output projections (attention proj, FFN and expert down, collaboration "
+               "output) to zero, so every block starts as the identity.")
+    logit_softcap: Optional[float] = _f(
+        None, "Soft cap on the logits, cap*tanh(logits/cap) (Gemma 2); must be positive; null disables.")
+    attention_mask: str = _f(
+        "causal", "causal | document: with document, a token attends only within its own document of a packed "
+                  "row (document_separator_id ends a document) and rotary positions restart at each document.")
+    document_separator_id: Optional[int] = _f(
+        None, "End-of-text id that ends a document (attention_mask: document); null means the training data's "
+              "end-of-text id (read from its manifest and saved with the checkpoint).")
     # --- MoC (mixture of collaborating experts) ---
     n_experts: Optional[int] = _f(None, "Experts per MoC layer; null or 0 means a dense model.")
     top_k: int = _f(2, "Experts each token is routed to.")
@@ -108,6 +125,11 @@ class LunarisCodexConfig:
     aux_loss_weight: float = _f(1e-2, "Weight of the load-balancing loss.")
     router_z_loss_weight: float = _f(1e-3, "Weight of the router z-loss.")
     router_jitter: float = _f(0.0, "Training-time multiplicative noise on router inputs (0 disables).")
+    load_balance: str = _f(
+        "aux_loss", "MoC load balancing: aux_loss (the load-balancing loss) | bias (auxiliary-loss-free: a per-expert "
+                    "routing bias, moved after each step toward even load; no load-balancing loss).")
+    balance_bias_rate: float = _f(
+        1e-3, "With load_balance: bias, how far each step moves an expert's bias (up if underloaded, down if over).")
     collab_mode: Optional[str] = _f(
         None, "Expert collaboration: mha | simple | none; null follows use_simple_collab (default mha).")
     use_simple_collab: Optional[bool] = _f(None, "Older spelling of collab_mode: true means simple, false means mha.")
@@ -163,7 +185,7 @@ class LunarisCodexConfig:
             if getattr(self, name) <= 0:
                 c.add([name], f"{c.key(name)} must be positive, {c.got(name)}.")
         for name in ("n_kv_heads", "ffn_hidden_size", "irl_alpha", "capacity_factor",
-                     "eval_capacity_factor", "collab_heads"):
+                     "eval_capacity_factor", "collab_heads", "logit_softcap"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 c.add([name], f"{c.key(name)} must be positive or null, {c.got(name)}.")
@@ -173,6 +195,11 @@ class LunarisCodexConfig:
         for name in ("aux_loss_weight", "router_z_loss_weight", "router_jitter"):
             if getattr(self, name) < 0:
                 c.add([name], f"{c.key(name)} must be >= 0, {c.got(name)}.")
+        if self.load_balance not in LOAD_BALANCES:
+            c.add(["load_balance"], f"model.load_balance must be one of {', '.join(LOAD_BALANCES)}, "
+                                    f"{c.got('load_balance')}{_suggest(self.load_balance, LOAD_BALANCES)}.")
+        if not self.balance_bias_rate > 0:
+            c.add(["balance_bias_rate"], f"model.balance_bias_rate must be positive, {c.got('balance_bias_rate')}.")
         if self.n_experts is not None and self.n_experts < 0:
             c.add(["n_experts"], f"model.n_experts must be >= 0 or null, {c.got('n_experts')}.")
         if self.d_model > 0 and self.n_heads > 0:
@@ -199,7 +226,31 @@ class LunarisCodexConfig:
                 c.add(["use_simple_collab", "collab_mode"],
                       f"{c.ref('use_simple_collab', 'model.use_simple_collab={}')} contradicts "
                       f"{c.ref('collab_mode', 'model.collab_mode={!r}')}; remove one of the two.")
+        if self.attention_mask not in ATTENTION_MASKS:
+            c.add(["attention_mask"], f"model.attention_mask must be one of {', '.join(ATTENTION_MASKS)}, "
+                                      f"{c.got('attention_mask')}{_suggest(self.attention_mask, ATTENTION_MASKS)}.")
+        separator = self.document_separator_id
+        if separator is not None and (separator < 0 or (self.vocab_size > 0 and separator >= self.vocab_size)):
+            c.add(["document_separator_id", "vocab_size"],
+                  f"model.document_separator_id must be a token id in [0, vocab_size), "
+                  f"{c.got('document_separator_id')} with {c.ref('vocab_size')}.")
         return c.found
+
+    def build_problems(self) -> list:
+        """Problems that matter only when a model is built from this config: values `lunaris train` fills in
+        from the training data (so a training config may leave them null) but a model needs."""
+        if self.attention_mask == "document" and self.document_separator_id is None:
+            return ["model.attention_mask: document needs document_separator_id (the end-of-text token id that "
+                    "ends each document); set model.document_separator_id, or train from a data directory made "
+                    "by `lunaris prepare`, whose manifest gives it."]
+        return []
+
+    def sized(self) -> "LunarisCodexConfig":
+        """This config, buildable whatever the training data fills in later (a placeholder document separator):
+        for counting parameters and timing steps, which do not depend on those values."""
+        if self.attention_mask == "document" and self.document_separator_id is None:
+            return dataclasses.replace(self, document_separator_id=0)
+        return self
 
 
 @dataclass
@@ -370,13 +421,18 @@ def _from(origin) -> str:
     return f" (from {origin})" if origin else ""
 
 
+NONE_IS_A_VALUE = {"collab_mode"}  # string keys where "none" is a choice, not null
+
+
 def _coerce(value, tp, key: str, problems: list, origin=None, raw=None):
     """Convert a YAML or command-line value to the field's type, or record a problem and return _INVALID.
 
     `raw` is the text of a command-line value, used as is for string fields (`--wandb_run_name=007`).
     """
     base, optional = _base_type(tp)
-    if isinstance(value, str) and value.strip().lower() in ("null", "none", "~") and optional:
+    # "none" is one of model.collab_mode's values (plain top-k), so there only null and ~ mean null
+    nulls = ("null", "~") if key.rsplit(".", 1)[-1] in NONE_IS_A_VALUE else ("null", "none", "~")
+    if isinstance(value, str) and value.strip().lower() in nulls and optional:
         return None
     if value is None:
         if optional:

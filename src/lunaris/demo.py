@@ -75,7 +75,7 @@ def calibrate_steps(config, minutes: float, share: float = 0.85) -> int:
     from lunaris.train.step import train_step
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    model = LunarisCodex(config.model).to(device)
+    model = LunarisCodex(config.model.sized()).to(device)
     optimizer = build_optimizer(model, config, device.type)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None  # as the trainer runs fp16
     x = torch.randint(0, config.model.vocab_size, (config.batch_size, config.model.max_seq_len), device=device)

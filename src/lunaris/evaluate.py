@@ -84,13 +84,12 @@ def checkpoint_metadata(path) -> dict:
     return {"path": str(path), "config": state.get("config", {}), "step": state.get("step")}
 
 
-def run_eval(checkpoint, data=None, max_batches: int = None, batch_size: int = None, device: str = "auto",
-             dtype: str = "auto", threads: int = None, json_path=None) -> dict:
-    """Evaluate a checkpoint; returns (and optionally writes to `json_path`) one JSON-ready dict."""
+def load_held_out(checkpoint, data=None, batch_size: int = None, device: str = "auto", dtype: str = "auto",
+                  threads: int = None) -> tuple:
+    """(model, checkpoint metadata, data directory, ShardDataset, batch size): what `lunaris eval` (and
+    `lunaris analyze`) evaluate; batch_size None means the run's."""
     from lunaris.data import ShardDataset, check_vocab
     from lunaris.generate import load_model
-    if max_batches is not None and max_batches < 1:
-        raise LunarisError(f"--max-batches must be a positive integer, got {max_batches}.")
     if batch_size is not None and batch_size < 1:
         raise LunarisError(f"--batch-size must be a positive integer, got {batch_size}.")
     model = load_model(checkpoint, device, dtype, threads)
@@ -99,6 +98,15 @@ def run_eval(checkpoint, data=None, max_batches: int = None, batch_size: int = N
     check_vocab(data_dir, model.config.vocab_size)  # ids the embedding cannot index: a clear error, not a crash
     dataset = ShardDataset(data_dir, model.config.max_seq_len, verify="full")
     batch_size = batch_size or int(meta["config"].get("batch_size") or 8)
+    return model, meta, data_dir, dataset, batch_size
+
+
+def run_eval(checkpoint, data=None, max_batches: int = None, batch_size: int = None, device: str = "auto",
+             dtype: str = "auto", threads: int = None, json_path=None) -> dict:
+    """Evaluate a checkpoint; returns (and optionally writes to `json_path`) one JSON-ready dict."""
+    if max_batches is not None and max_batches < 1:
+        raise LunarisError(f"--max-batches must be a positive integer, got {max_batches}.")
+    model, meta, data_dir, dataset, batch_size = load_held_out(checkpoint, data, batch_size, device, dtype, threads)
     start = time.perf_counter()
     result = evaluate(model, dataset, batch_size, max_batches, bytes_per_token(data_dir))
     result.update({"checkpoint": meta["path"], "step": meta["step"], "data": str(data_dir),

@@ -12,7 +12,7 @@ def build_on_meta(model_config: LunarisCodexConfig):
     """The model with no memory allocated (parameter counting for any size)."""
     from lunaris.model import LunarisCodex
     with torch.device("meta"):
-        return LunarisCodex(model_config)
+        return LunarisCodex(model_config.sized())
 
 
 def describe_config(path, overrides=None) -> str:
@@ -41,8 +41,9 @@ def _format_default(value) -> str:
 def reference_table() -> str:
     """Markdown table of every key (model keys prefixed `model.`), default and meaning."""
     rows = ["| key | default | meaning |", "| --- | --- | --- |"]
-    for name, default, help_text in field_docs(LunarisCodexConfig):
-        rows.append(f"| `model.{name}` | `{_format_default(default)}` | {help_text} |")
-    for name, default, help_text in field_docs(TrainConfig):
-        rows.append(f"| `{name}` | `{_format_default(default)}` | {help_text} |")
+    keys = [(f"model.{name}", default, text) for name, default, text in field_docs(LunarisCodexConfig)]
+    keys += list(field_docs(TrainConfig))
+    for name, default, help_text in keys:
+        meaning = help_text.replace("|", "\\|")  # "mha | simple" would split the cell
+        rows.append(f"| `{name}` | `{_format_default(default)}` | {meaning} |")
     return "\n".join(rows)

@@ -1,4 +1,4 @@
-"""`lunaris plot RUN_DIR`: training curves (and MoC expert utilization) from `RUN_DIR/metrics.jsonl`.
+"""`lunaris plot RUN_DIR`: training curves (MoC expert utilization, IRL step metrics) from `RUN_DIR/metrics.jsonl`.
 
 metrics.jsonl holds one JSON object per logged step: `step` plus the metric names listed in the README
 (`loss/total`, `val/loss`, `eval/<task>/acc`, `lr`, `grad_norm`, `throughput/tokens_per_sec`,
@@ -20,6 +20,11 @@ PANELS = [  # (title, metric names drawn in it)
     ("throughput (tokens/s)", ["throughput/tokens_per_sec"]),
 ]
 UTIL = re.compile(r"^experts/util_layer(\d+)/e(\d+)$")
+IRL_PANELS = [  # (title, pattern whose group 1 is the reasoning step)
+    ("IRL relative update norm |h_t - h_t-1| / |x|", re.compile(r"^irl/update_norm_step(\d+)$")),
+    ("IRL cosine of successive updates", re.compile(r"^irl/step(\d+)_update_cosine$")),
+    ("IRL gradient norm of the state h_t", re.compile(r"^irl/step(\d+)_grad_norm$")),
+]
 
 
 def read_metrics(run_dir) -> dict:
@@ -69,6 +74,11 @@ def panels_for(series: dict) -> list:
     panels = [(title, [k for k in keys if k in series and not (dense and k == "loss/main")]) for title, keys in PANELS]
     tasks = sorted(k for k in series if k.startswith("eval/") and k.endswith("/acc"))  # eval_tasks
     panels.insert(1, ("task accuracy (eval_tasks)", tasks))
+    for title, pattern in IRL_PANELS:  # IRL runs (n_reasoning_steps > 1): one line per reasoning step
+        keys = [k for k in series if pattern.match(k)]
+        panels.append((title, sorted(keys, key=lambda k: int(pattern.match(k).group(1)))))
+    panels.append(("MoC routing bias spread (max - min, mean over layers)", ["moc/bias_spread"]))
+    panels = [(title, [k for k in keys if k in series]) for title, keys in panels]
     return [(title, keys) for title, keys in panels if keys]
 
 

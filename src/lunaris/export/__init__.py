@@ -1,10 +1,12 @@
 """`lunaris export`: a checkpoint -> a Hugging Face model directory.
 
-Two formats:
+Three formats:
 - `llama`: a dense model with one IRL step is exactly `LlamaForCausalLM` (see llama.py), so every tool
   that reads Llama reads it, no Lunaris code needed;
-- `lunaris`: any model (MoC, IRL > 1) with its own modeling code in the directory and `auto_map`, loaded with
-  `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` (see remote_code.py).
+- `qwen3`: the same with qk_norm (and no norm biases) is exactly `Qwen3ForCausalLM`;
+- `lunaris`: any model (MoC, IRL > 1, logit_softcap, attention_mask: document) with its own modeling code in the
+  directory and `auto_map`, loaded with `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` (see
+  remote_code.py).
 
 The directory is written under a temporary name beside `out` and renamed when complete, so an interrupted
 export never leaves a half-written model; `transformers` is not needed to export.
@@ -19,13 +21,21 @@ from pathlib import Path
 import torch
 
 from lunaris.errors import LunarisError
-from lunaris.export.llama import llama_compatible, llama_config, llama_state_dict
+from lunaris.export.llama import (
+    llama_compatible,
+    llama_config,
+    llama_state_dict,
+    qwen3_available,
+    qwen3_compatible,
+    qwen3_config,
+    qwen3_state_dict,
+)
 from lunaris.export.remote_code import configuration_source, modeling_source
 from lunaris.fileio import move_into
 from lunaris.runtime import END_OF_TEXT
 from lunaris.train.checkpoint import model_from_checkpoint
 
-FORMATS = ("auto", "llama", "lunaris")
+FORMATS = ("auto", "llama", "qwen3", "lunaris")
 DTYPE_NAMES = {"fp32": (torch.float32, "float32"), "bf16": (torch.bfloat16, "bfloat16"),
                "fp16": (torch.float16, "float16")}
 # every file an export can write: replacing an export removes those the new one does not write
@@ -49,10 +59,18 @@ def export_checkpoint(checkpoint, out_dir, tokenizer=None, fmt: str = "auto", dt
     model = model_from_checkpoint(checkpoint)
     config = model.config
     if fmt == "auto":
-        fmt = "llama" if llama_compatible(config) else "lunaris"
+        fmt = ("llama" if llama_compatible(config) else
+               "qwen3" if qwen3_compatible(config) and qwen3_available() else "lunaris")
     if fmt == "llama" and not llama_compatible(config):
-        raise LunarisError("--format llama needs a dense model with n_reasoning_steps 1 (Llama has no MoC layers "
-                           "or IRL steps); use --format lunaris (the default for this model).")
+        raise LunarisError("--format llama needs a dense model with n_reasoning_steps 1, no qk_norm, no "
+                           "logit_softcap and attention_mask: causal (Llama has no MoC layers, IRL steps, "
+                           "query/key norms, logit cap or document mask); use --format "
+                           f"{'qwen3' if qwen3_compatible(config) else 'lunaris'} for this model.")
+    if fmt == "qwen3" and not qwen3_compatible(config):
+        raise LunarisError("--format qwen3 needs a dense model with n_reasoning_steps 1, qk_norm, norm_bias false, "
+                           "no logit_softcap and attention_mask: causal (Qwen3 has no MoC layers, IRL steps, MLP "
+                           "biases, logit cap or document mask); use --format "
+                           f"{'llama' if llama_compatible(config) else 'lunaris'} for this model.")
     tokenizer_path = find_tokenizer(checkpoint, tokenizer)
     eos = end_of_text_id(load_tokenizer(tokenizer_path, config.vocab_size))
     torch_dtype, dtype_name = DTYPE_NAMES[dtype]
@@ -60,6 +78,9 @@ def export_checkpoint(checkpoint, out_dir, tokenizer=None, fmt: str = "auto", dt
     if fmt == "llama":
         tensors = llama_state_dict(model)
         hf_config = llama_config(config, eos, eos, dtype_name)
+    elif fmt == "qwen3":
+        tensors = qwen3_state_dict(model)
+        hf_config = qwen3_config(config, eos, eos, dtype_name)
     else:
         tensors = {f"model.{key}": value for key, value in model.state_dict().items()}
         if config.tie_embeddings:  # one tensor in the file; the model ties lm_head to wte itself
@@ -96,7 +117,9 @@ def lunaris_config(config, eos, dtype_name: str) -> dict:
         "bos_token_id": eos,
         "eos_token_id": eos,
         "tie_word_embeddings": config.tie_embeddings,
-        "use_cache": True,
+        # attention_mask: document masks documents in a forward without a cache, as Lunaris's forward does; a
+        # plain call then gives Lunaris's logits (generate still passes use_cache=True and decodes with a cache)
+        "use_cache": config.attention_mask != "document",
         "torch_dtype": dtype_name,
         "dtype": dtype_name,
     }

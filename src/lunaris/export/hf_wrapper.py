@@ -5,6 +5,8 @@ lunaris imports below are removed because LunarisCodex and model_config_from_dic
 same file.
 """
 
+import warnings
+
 import torch.nn.functional as F
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -40,6 +42,9 @@ class LunarisForCausalLM(PreTrainedModel, GenerationMixin):
 
     Batches must be unpadded (prompts of equal length): Lunaris attention has no padding mask.
     MoC layers run dropless in eval mode, as in Lunaris's own evaluation and generation.
+    A model trained with attention_mask: document computes, like LunarisCodex, each document of a packed row
+    alone in a forward without a KV cache (config.use_cache is false for it), and treats its input as one document
+    in a forward with a cache (generation), as Lunaris's own generation does.
     """
 
     config_class = LunarisConfig
@@ -87,6 +92,13 @@ class LunarisForCausalLM(PreTrainedModel, GenerationMixin):
         caches = None
         if past_key_values is not None:
             caches = [HFLayerCache(past_key_values, i) for i in range(len(self.model.blocks))]
+            lunaris = self.model.config
+            if (lunaris.attention_mask == "document" and start == 0
+                    and bool((input_ids[:, :-1] == lunaris.document_separator_id).any())):
+                warnings.warn("this model was trained with attention_mask: document; a forward with a KV cache "
+                              "(generation) treats its input as one document, as Lunaris's generation does. Call it "
+                              "with use_cache=False for the logits of each document of the input alone.",
+                              stacklevel=2)
         targets = None
         if labels is not None:  # Lunaris targets are next tokens with -1 ignored; the loss adds MoC's aux losses
             shifted = F.pad(labels[:, 1:], (0, 1), value=-100)                          # (B, T)

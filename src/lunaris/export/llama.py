@@ -7,15 +7,47 @@ A dense Lunaris model with one IRL step is a Llama model up to three re-arrangem
   folds into the projections that read the norm (q, k, v, gate, up get bias W @ b; Llama's
   `attention_bias`/`mlp_bias` also give o_proj and down_proj a bias, exported as zeros).
 An IRL scale alpha != 1 (possible with one step when irl_alpha is set) folds into down_proj.
+
+With qk_norm the same model is Hugging Face `Qwen3ForCausalLM` (q_norm/k_norm per head over head_dim, before
+rotary), as long as no bias has to be folded: Qwen3 has `attention_bias` but no `mlp_bias`, so a model with
+norm_bias exports with its own code. zero_init_out changes only the initialization. logit_softcap and
+attention_mask: document have no equivalent in either class: such models export with their own code.
 """
+
+from importlib import metadata
 
 import torch
 
 from lunaris.config import LunarisCodexConfig
 
 
+def _plain_dense(config: LunarisCodexConfig) -> bool:
+    """Dense, one IRL step, raw logits, causal attention: a Llama-family decoder."""
+    return (not config.is_moc and config.n_reasoning_steps == 1 and config.logit_softcap is None
+            and config.attention_mask == "causal")
+
+
 def llama_compatible(config: LunarisCodexConfig) -> bool:
-    return not config.is_moc and config.n_reasoning_steps == 1
+    return _plain_dense(config) and not config.qk_norm
+
+
+def qwen3_compatible(config: LunarisCodexConfig) -> bool:
+    """Exactly Qwen3ForCausalLM: a plain dense model with qk_norm and no norm biases (Qwen3 has no mlp_bias)."""
+    return _plain_dense(config) and config.qk_norm and not config.norm_bias
+
+
+def qwen3_available() -> bool:
+    """Whether the installed transformers has Qwen3 (4.51 and later); True when transformers is not installed
+    (the export needs none; its reader needs a recent one)."""
+    try:
+        version = metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        return True
+    try:
+        major, minor = (int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return True
+    return (major, minor) >= (4, 51)
 
 
 def llama_config(config: LunarisCodexConfig, bos_token_id, eos_token_id, dtype_name: str) -> dict:
@@ -46,6 +78,26 @@ def llama_config(config: LunarisCodexConfig, bos_token_id, eos_token_id, dtype_n
         "torch_dtype": dtype_name,  # transformers 4.x name
         "dtype": dtype_name,        # transformers 5.x name
     }
+
+
+def qwen3_config(config: LunarisCodexConfig, bos_token_id, eos_token_id, dtype_name: str) -> dict:
+    """config.json of the equivalent Qwen3ForCausalLM (transformers >= 4.51): Llama's fields, no mlp_bias, and
+    full attention in every layer."""
+    out = llama_config(config, bos_token_id, eos_token_id, dtype_name)
+    del out["mlp_bias"]
+    out.update({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": False,
+                "use_sliding_window": False, "sliding_window": None, "max_window_layers": config.n_layers,
+                "layer_types": ["full_attention"] * config.n_layers})
+    return out
+
+
+def qwen3_state_dict(model) -> dict:
+    """Llama's mapping plus each layer's q_norm/k_norm weights (head_dim each)."""
+    out = llama_state_dict(model)
+    for i, block in enumerate(model.blocks):
+        out[f"model.layers.{i}.self_attn.q_norm.weight"] = block.attn.q_norm.weight
+        out[f"model.layers.{i}.self_attn.k_norm.weight"] = block.attn.k_norm.weight
+    return out
 
 
 def llama_state_dict(model) -> dict:

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lunaris.model.layers import apply_rotary
+from lunaris.model.layers import RMSNorm, apply_rotary
 
 # torch >= 2.5: SDPA shares each KV head across its query group itself (enable_gqa), without
 # materializing the repeated keys/values (a copy forward, a reduction backward).
@@ -81,6 +81,9 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=False)
         self.proj.residual_out = True  # depth-scaled init
         self.dropout = config.dropout
+        # qk_norm: RMSNorm per head over head_dim on queries and keys, before rotary (the Qwen3 layout)
+        self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
 
     def forward(self, x, cos, sin, cache: KVCache = None, start: int = 0, mask: torch.Tensor = None):
         """x (B, T, D); cos/sin (T, hd), or (B, 1, T, hd) for per-row positions (left-padded prompts).
@@ -114,13 +117,17 @@ class CausalSelfAttention(nn.Module):
         return decode_linear(y, self.proj.weight)
 
     def _project(self, x, cos, sin, linear=None):
-        """q (B, Hq, T, hd), k and v (B, Hkv, T, hd), q and k rotated; `linear(x, weight)` replaces self.qkv."""
+        """q (B, Hq, T, hd), k and v (B, Hkv, T, hd), q and k normalized (qk_norm) and rotated; `linear(x, weight)`
+        replaces self.qkv."""
         B, T, _ = x.shape
         qkv = self.qkv(x) if linear is None else linear(x, self.qkv.weight)
         q, k, v = qkv.split(
             [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)      # (B, Hq, T, hd)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)   # (B, Hkv, T, hd)
+        q = q.view(B, T, self.n_heads, self.head_dim)                      # (B, T, Hq, hd)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)                   # (B, T, Hkv, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)                        # (B, Hq, T, hd), (B, Hkv, T, hd)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)   # (B, Hkv, T, hd)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 

@@ -84,21 +84,90 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up))  # (B, T, H) -> (B, T, D)
 
 
-def irl_iterate(ffn, x: torch.Tensor, steps: int, alpha: float, stats: dict = None) -> torch.Tensor:
+class IRLProbe:
+    """The IRL analysis metrics of one training step: opened on log steps only, so other steps pay nothing.
+
+    While a probe is open (`with IRLProbe() as probe:` around a step's forward and backward passes), every
+    `irl_iterate` that records stats (steps > 1) also records `irl/step{t}_update_cosine` and, when autograd
+    records the forward, hooks each state h_t: the backward pass leaves the squared norm of dLoss/dh_t in the
+    probe, and `probe.grad_norms()` reads them afterwards. Hooks only read the gradient; nothing changes the
+    computation or draws random numbers.
+    """
+
+    current: "IRLProbe" = None   # the open probe, if any
+
+    def __init__(self):
+        self.squares: dict = {}  # (id of the IRL module, t) -> () fp32 sum of squared gradient norms
+
+    def __enter__(self) -> "IRLProbe":
+        IRLProbe.current = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        IRLProbe.current = None
+
+    def watch(self, state: torch.Tensor, site, t: int) -> None:
+        """Record |dLoss/d state|² into the probe when the backward pass reaches `state` (h_t of module `site`)."""
+        key = (id(site), t)
+
+        def record(grad):
+            square = grad.detach().float().square().sum()
+            self.squares[key] = self.squares[key] + square if key in self.squares else square
+        state.register_hook(record)
+
+    def grad_norms(self, scale: float = 1.0) -> dict:
+        """{`irl/step{t}_grad_norm`: |dLoss/dh_t|, over every micro-batch of the step, averaged over IRL layers}.
+
+        `scale` divides out a loss scale (fp16's GradScaler). Empty before any backward pass.
+        """
+        by_step: dict = {}
+        for (_, t), square in self.squares.items():
+            by_step.setdefault(t, []).append(square.sqrt())
+        return {f"irl/step{t}_grad_norm": torch.stack(norms).mean() / scale for t, norms in sorted(by_step.items())}
+
+
+@torch.no_grad()
+def update_cosine(previous: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """Mean over rows (tokens) of cos(previous, update) along the last dimension, as a () fp32 tensor.
+
+    Rows where either update is exactly zero (the empty rows of a MoC expert buffer) are left out.
+    """
+    a, b = previous.float().flatten(0, -2), update.float().flatten(0, -2)   # (rows, D)
+    norms = a.norm(dim=-1) * b.norm(dim=-1)                                   # (rows,)
+    valid = norms > 0
+    cosine = (a * b).sum(dim=-1) / torch.where(valid, norms, torch.ones_like(norms))
+    return (cosine * valid).sum() / valid.sum().clamp_min(1)
+
+
+def irl_iterate(ffn, x: torch.Tensor, steps: int, alpha: float, stats: dict = None, site=None) -> torch.Tensor:
     """Iterative reasoning: h_0 = 0; h_t = h_{t-1} + alpha * ffn(h_{t-1} + x); returns h_S.
 
     With steps = 1 and alpha = 1 this is exactly ffn(x). When `stats` is given and steps > 1, records
     the relative update norm |h_t - h_{t-1}| / |x| of each step (detached) under `irl/update_norm_step{t}`.
+    While an IRLProbe is open it also records the cosine between successive updates h_t - h_{t-1} and
+    h_{t-1} - h_{t-2} (t >= 2, mean over tokens) under `irl/step{t}_update_cosine`, and hooks every h_t for the
+    probe's gradient norms; `site` (default `ffn`) names the module these belong to.
     """
     h = ffn(x) if alpha == 1.0 else alpha * ffn(x)
+    probe = IRLProbe.current if stats is not None and steps > 1 else None
+    hook = probe is not None and h.requires_grad and torch.is_grad_enabled()
+    site = ffn if site is None else site
     if stats is not None and steps > 1:
         x_norm = x.detach().float().norm().clamp_min(1e-12)
         stats["irl/update_norm_step1"] = h.detach().float().norm() / x_norm
+    if hook:
+        probe.watch(h, site, 1)
+    previous = h  # the first update: h_1 - h_0 = h_1
     for t in range(2, steps + 1):
         update = alpha * ffn(h + x)
         h = h + update
         if stats is not None:
             stats[f"irl/update_norm_step{t}"] = update.detach().float().norm() / x_norm
+        if probe is not None:
+            stats[f"irl/step{t}_update_cosine"] = update_cosine(previous, update)
+            if hook:
+                probe.watch(h, site, t)
+        previous = update
     return h
 
 

@@ -12,6 +12,9 @@ One MoC layer replaces the FFN of a block (model.make_ffn). Read top to bottom:
 4. IRL inside every expert (layers.irl_iterate): S = 1 is exactly a SwiGLU.
 5. Collaboration among a token's K expert outputs: `mha`, `simple` or `none` (plain weighted sum).
 6. Auxiliary losses (fp32): load balance E·Σ f_i·P_i and router z-loss mean(logsumexp(logits)²).
+   With `load_balance: bias` (auxiliary-loss-free, DeepSeek-V3) there is no load-balance loss: a per-expert
+   bias is added to the logits to select the top-k (the gates stay the unbiased softmax), training forwards
+   count each expert's slots, and after every optimizer step the training loop calls `apply_balance`.
 
 Shapes: B batch, T time, N = B·T tokens, D d_model, H expert hidden size, E experts, K top_k,
 C capacity (slots per expert), R rows of the expert input buffer.
@@ -178,9 +181,9 @@ class StackedExperts(nn.Module):
         """x_rows (R, D) in the plan's layout -> expert outputs (R, D) after S IRL steps."""
         if plan.group_ends is not None:
             return irl_iterate(lambda z: self.grouped_swiglu(z, plan.group_ends), x_rows,
-                               self.steps, self.alpha, stats)
+                               self.steps, self.alpha, stats, site=self)
         buffer = x_rows.view(self.n_experts, plan.capacity, self.d_model)      # (E, C, D)
-        return irl_iterate(self.batched_swiglu, buffer, self.steps, self.alpha, stats).view_as(x_rows)
+        return irl_iterate(self.batched_swiglu, buffer, self.steps, self.alpha, stats, site=self).view_as(x_rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,6 +265,12 @@ class MoCLayer(nn.Module):
         self.eval_capacity_factor = config.eval_capacity_factor
         self.aux_loss_weight, self.z_loss_weight = config.aux_loss_weight, config.router_z_loss_weight
         self.router_jitter = config.router_jitter
+        self.load_balance, self.balance_bias_rate = config.load_balance, config.balance_bias_rate
+        if self.load_balance == "bias":
+            # Auxiliary-loss-free balancing (DeepSeek-V3): the bias shifts which experts are selected, never
+            # the gate weights. It is state (checkpointed); the counts are the current step's scratch.
+            self.register_buffer("balance_bias", torch.zeros(config.n_experts, dtype=torch.float32))
+            self.register_buffer("balance_counts", torch.zeros(config.n_experts, dtype=torch.long), persistent=False)
         self.router = nn.Linear(config.d_model, config.n_experts, bias=False)
         self.experts = StackedExperts(config.n_experts, config.d_model, config.ffn_hidden,
                                       config.n_reasoning_steps, config.irl_step_scale)
@@ -316,11 +325,19 @@ class MoCLayer(nn.Module):
         N, K = B * T, self.top_k
         x_flat = x.reshape(N, D)
         logits = self.router_logits(x_flat)                                    # (N, E) fp32
-        top_logits, top_experts = logits.topk(K, dim=-1)                       # (N, K) each
+        if self.load_balance == "bias":  # the bias picks the experts; the gates use the unbiased logits
+            top_experts = (logits + self.balance_bias.float()).topk(K, dim=-1).indices   # (N, K)
+            top_logits = logits.gather(1, top_experts)                         # (N, K)
+        else:
+            top_logits, top_experts = logits.topk(K, dim=-1)                   # (N, K) each
         weights = top_logits.softmax(dim=-1)                                   # (N, K) fp32
         capacity = self.capacity(N)
         grouped = self.use_grouped(x)
         plan = plan_dispatch(top_experts, self.n_experts, capacity, grouped)
+        if self.load_balance == "bias" and self.training:
+            # This step's load, read after the update (apply_balance). Gradient checkpointing recomputes every
+            # forward once more in the backward, doubling every count: the update reads only their signs.
+            self.balance_counts.add_(plan.counts)
         stats: dict = {}
 
         # Dispatch: gather each buffer row's token (row N of x_pad is the zero row), run the experts.
@@ -347,11 +364,14 @@ class MoCLayer(nn.Module):
                  n_tokens: int) -> torch.Tensor:
         """aux_loss_weight·E·Σ f_i·P_i + router_z_loss_weight·mean(logsumexp(logits)²), in fp32.
 
-        probs (N, E) is the router's full softmax, log_normalizer (N,) logsumexp of its logits.
+        probs (N, E) is the router's full softmax, log_normalizer (N,) logsumexp of its logits. With
+        load_balance: bias the routing bias balances the load instead, and only the z-loss remains.
         """
+        z_loss = log_normalizer.square().mean()
+        if self.load_balance == "bias":
+            return self.z_loss_weight * z_loss
         fraction = counts.float() / (n_tokens * self.top_k)                    # f_i, before capacity
         load_balance = self.n_experts * (fraction * probs.mean(dim=0)).sum()  # P_i = mean probability
-        z_loss = log_normalizer.square().mean()
         return self.aux_loss_weight * load_balance + self.z_loss_weight * z_loss
 
     @torch.no_grad()
@@ -366,6 +386,27 @@ class MoCLayer(nn.Module):
         # entropy -Σ p·log p = logsumexp(logits) - Σ p·logits, from tensors the aux loss computed anyway
         stats[f"experts/router_entropy_layer{layer}"] = (log_normalizer - (probs * logits).sum(-1)).mean()
         stats[f"experts/max_load_ratio_layer{layer}"] = fraction.max() * self.n_experts
+        if self.load_balance == "bias":  # averaged over layers by merge_stats
+            stats["moc/bias_spread"] = self.balance_bias.max() - self.balance_bias.min()
+
+    # ---- auxiliary-loss-free balancing (load_balance: bias) ----
+    @torch.no_grad()
+    def apply_balance(self, counts: torch.Tensor, rate: float = None) -> None:
+        """Move the routing bias toward balance: bias_e += rate·sign(mean load - load_e).
+
+        counts (E,) are the slots routed to each expert over a whole optimizer step (every micro-batch, and
+        every process: the caller sums them). An underloaded expert's bias rises, an overloaded one's falls;
+        only the sign of the imbalance counts, so the update is the same whatever the batch size. Called by the
+        training step after the optimizer update (lunaris.train.step.balance_experts), never in forward.
+        """
+        load = counts.to(device=self.balance_bias.device, dtype=torch.float32)
+        step = self.balance_bias_rate if rate is None else rate
+        self.balance_bias.add_(torch.sign(load.mean() - load), alpha=step)
+
+    @torch.no_grad()
+    def reset_balance_counts(self) -> None:
+        """Forget the counted load (the training step calls it before its first micro-batch and after the update)."""
+        self.balance_counts.zero_()
 
     # ---- accounting ----
     def matmul_params_per_token(self) -> int:

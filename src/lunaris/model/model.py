@@ -74,10 +74,35 @@ def decode_ffn(ffn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return irl_iterate(step, x, ffn.steps, ffn.alpha)
 
 
+def soft_cap(logits: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
+    """cap·tanh(logits/cap), computed in fp32 and returned in the logits' dtype (logit_softcap); None: unchanged."""
+    if cap is None:
+        return logits
+    return (cap * torch.tanh(logits.float() / cap)).to(logits.dtype)
+
+
+def document_mask(idx: torch.Tensor, separator: int):
+    """Rotary positions (B, T) and attention mask (B, 1, T, T) bool of rows that pack several documents.
+
+    The separator (end-of-text id) ends a document: it belongs to the document before it, and the token after it
+    starts a new one, at position 0. A query sees the keys of its own document up to itself, so each document gets
+    the logits it would get alone.
+    """
+    B, T = idx.shape
+    ends = idx == separator                                                    # (B, T)
+    starts = torch.cat([ends.new_zeros(B, 1), ends[:, :-1]], dim=1)           # (B, T) a document starts here
+    document = starts.long().cumsum(dim=1)                                     # (B, T) document index in the row
+    index = torch.arange(T, device=idx.device)
+    first = torch.where(starts, index, 0).cummax(dim=1).values                 # (B, T) where its document starts
+    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+    mask = (document[:, :, None] == document[:, None, :]) & causal             # (B, T, T)
+    return index - first, mask[:, None]
+
+
 class LunarisCodex(nn.Module):
     def __init__(self, config: LunarisCodexConfig):
         super().__init__()
-        raise_problems(config.problems(), "model config")
+        raise_problems(config.problems() + config.build_problems(), "model config")
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
         self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
@@ -90,9 +115,11 @@ class LunarisCodex(nn.Module):
 
     # ---- initialization ----
     def reset_parameters(self):
-        """Normal(0, 0.02); residual output projections 0.02/sqrt(2·n_layers); norms weight 1, bias 0."""
+        """Normal(0, 0.02); residual output projections 0.02/sqrt(2·n_layers) (zero with zero_init_out); norms
+        weight 1, bias 0."""
         std = 0.02
-        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        # zero_init_out: std 0 draws exact zeros (and the same random numbers, so every other weight is unchanged)
+        residual_std = 0.0 if self.config.zero_init_out else std / math.sqrt(2 * self.config.n_layers)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, 0.0, residual_std if getattr(module, "residual_out", False) else std)
@@ -116,10 +143,15 @@ class LunarisCodex(nn.Module):
         the next-token distribution, not a (T, vocab) LM-head product over the whole prompt.
         Left-padded prompts (generation) pass `positions` (B, T), each token's rotary position, and
         `attn_mask` (B, 1, T, T) bool, True where a query may see a key, instead of the causal mask.
+        With attention_mask: document and none of caches, positions and attn_mask given, each row is a pack of
+        documents (`document_mask`): a token sees only its own document, at rotary positions from 0.
         """
         B, T = idx.shape
         if start + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        if (self.config.attention_mask == "document" and caches is None and start == 0 and positions is None
+                and attn_mask is None):
+            positions, attn_mask = document_mask(idx, self.config.document_separator_id)
         if positions is None:
             cos, sin = self.rotary(start, T)                   # (T, hd) each, fp32
         else:
@@ -139,7 +171,7 @@ class LunarisCodex(nn.Module):
             if targets is not None:
                 raise ValueError("last_logits_only=True cannot compute a loss over targets")
             x = x[:, -1:]                                      # (B, 1, D)
-        logits = self.lm_head(self.norm(x))                    # (B, T, vocab)
+        logits = soft_cap(self.lm_head(self.norm(x)), self.config.logit_softcap)  # (B, T, vocab)
         aux_loss = torch.stack(aux_losses).mean() if aux_losses else torch.zeros((), device=idx.device)
         main_loss = loss = None
         if targets is not None:
@@ -187,7 +219,8 @@ class LunarisCodex(nn.Module):
         x = self.wte(token)                                                               # (B, 1, D)
         for block, cache in zip(self.blocks, caches):
             x = block.decode(x, cos, sin, cache, slot, mask, length)
-        return decode_linear(self.norm(x), self.lm_head.weight)[:, -1]                  # (B, vocab)
+        logits = decode_linear(self.norm(x), self.lm_head.weight)[:, -1]                # (B, vocab)
+        return soft_cap(logits, self.config.logit_softcap)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int = None, top_p: float = None,

@@ -4,7 +4,8 @@ Metric names are the same everywhere: `loss/total`, `loss/main`, `loss/aux`,
 `perplexity`, `lr`, `grad_norm` (before clipping), `throughput/tokens_per_sec`, `throughput/mfu`,
 `val/loss`, `val/perplexity`, `eval/<task>/acc`, `eval/<task>/acc_norm`, `eval/tasks_seconds` (eval_tasks),
 plus whatever the model reports (`experts/util_layer{l}/e{i}`,
-`experts/drop_rate_layer{l}`, `irl/update_norm_step{t}`). Only rank 0 writes anything.
+`experts/drop_rate_layer{l}`, `irl/update_norm_step{t}`, `moc/bias_spread`; on log steps only
+`irl/step{t}_update_cosine` and `irl/step{t}_grad_norm`). Only rank 0 writes anything.
 
 `metrics.jsonl` holds one JSON object per logged step, e.g.
 `{"step": 20, "loss/total": 5.91, "loss/main": 5.90, ..., "tokens_seen": 327680, "epoch": 0}`;

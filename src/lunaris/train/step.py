@@ -3,6 +3,9 @@
 The trainer composes these pieces with its collectives in between (loss mean over ranks, the stop vote);
 `train_step` composes them for one process, as the demo's step-time calibration, `lunaris selftest` and the
 benchmark run them. Both do exactly the same arithmetic.
+
+Right after the update, `balance_experts` moves the routing bias of MoC layers with `load_balance: bias` by the
+step's expert load (summed over processes); on log steps `accumulate(analyze=True)` adds the IRL analysis metrics.
 """
 
 import math
@@ -11,7 +14,10 @@ from typing import NamedTuple
 
 import torch
 
+from lunaris.model.layers import IRLProbe
+from lunaris.model.moc import MoCLayer
 from lunaris.runtime import autocast
+from lunaris.train.distributed import all_reduce_sum
 
 
 class StepLosses(NamedTuple):
@@ -41,23 +47,31 @@ def forward_backward(model, x, y, weight: float, accumulation: int, dtype: torch
 
 
 def accumulate(model, micro_batches: list, device: torch.device, dtype: torch.dtype, scaler=None,
-               sync_context=None) -> StepLosses:
+               sync_context=None, analyze: bool = False) -> StepLosses:
     """forward_backward over every micro-batch [(x, y), ...] of one step (each (B, T) int64).
 
     `sync_context(is_last)` wraps each micro-batch (DDP skips the gradient all-reduce on all but the last).
+    `analyze` (the trainer's log steps) adds the IRL analysis metrics (layers.IRLProbe): the update cosines of
+    the last micro-batch and the gradient norms of the IRL states over the whole step.
     """
     weights = micro_batch_weights(micro_batches)
     main = torch.zeros((), device=device)
     aux = torch.zeros((), device=device)
     out = None
-    for i, ((x, y), weight) in enumerate(zip(micro_batches, weights)):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        is_last = i == len(micro_batches) - 1
-        with sync_context(is_last) if sync_context is not None else nullcontext():
-            out = forward_backward(model, x, y, weight, len(micro_batches), dtype, scaler)
-        main += out.main_loss.detach() * weight
-        aux += out.aux_loss.detach() / len(micro_batches)
-    return StepLosses(main, aux, out.metrics if out is not None else {})
+    probe = IRLProbe() if analyze else None
+    with probe if probe is not None else nullcontext():
+        for i, ((x, y), weight) in enumerate(zip(micro_batches, weights)):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            is_last = i == len(micro_batches) - 1
+            with sync_context(is_last) if sync_context is not None else nullcontext():
+                out = forward_backward(model, x, y, weight, len(micro_batches), dtype, scaler)
+            main += out.main_loss.detach() * weight
+            aux += out.aux_loss.detach() / len(micro_batches)
+    metrics = out.metrics if out is not None else {}
+    if probe is not None:
+        scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0  # a host sync: log steps
+        metrics = {**metrics, **probe.grad_norms(scale)}
+    return StepLosses(main, aux, metrics)
 
 
 def clip_gradients(parameters, optimizer, grad_clip: float, scaler=None) -> torch.Tensor:
@@ -78,6 +92,35 @@ def update(optimizer, apply: bool, scaler=None) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
+def balance_layers(model) -> list:
+    """The MoC layers of `model` (plain, DDP-, FSDP- or compile-wrapped) that balance by routing bias."""
+    return [m for m in model.modules() if isinstance(m, MoCLayer) and m.load_balance == "bias"]
+
+
+def reset_balance_counts(model) -> None:
+    """Forget the expert loads counted so far: a step counts its own micro-batches only (not a probe forward, not
+    a failed compiled attempt)."""
+    for layer in balance_layers(model):
+        layer.reset_balance_counts()
+
+
+def balance_experts(model, apply: bool = True) -> None:
+    """Auxiliary-loss-free balancing, right after the optimizer update: every `load_balance: bias` layer moves
+    its routing bias by the step's expert load, then forgets it. Nothing happens for other models.
+
+    The loads of every layer are summed over processes in one all-reduce, so every rank applies the same update
+    and the biases stay identical (call it on every rank). `apply` False (a skipped step) only resets the counts.
+    """
+    layers = balance_layers(model)
+    if not layers:
+        return
+    counts = all_reduce_sum(torch.stack([layer.balance_counts for layer in layers]))   # (layers, E)
+    for layer, layer_counts in zip(layers, counts):
+        if apply:
+            layer.apply_balance(layer_counts)
+        layer.reset_balance_counts()
+
+
 def train_step(model, optimizer, micro_batches: list, dtype: torch.dtype = torch.float32, grad_clip: float = 0.0,
                scaler=None) -> dict:
     """One optimizer step in one process; returns floats: loss/main, loss/aux, loss/total, grad_norm.
@@ -85,9 +128,12 @@ def train_step(model, optimizer, micro_batches: list, dtype: torch.dtype = torch
     The update is skipped when the loss or the gradient is not finite (as the trainer does).
     """
     device = next(model.parameters()).device
+    reset_balance_counts(model)  # the step's expert load is counted from here (nothing left by stray forwards)
     losses = accumulate(model, micro_batches, device, dtype, scaler)
     norm = clip_gradients(model.parameters(), optimizer, grad_clip, scaler)
     main, aux, grad_norm = torch.stack([losses.main.float(), losses.aux.float(), norm.float()]).tolist()
-    update(optimizer, math.isfinite(main + aux) and math.isfinite(grad_norm), scaler)
+    applied = math.isfinite(main + aux) and math.isfinite(grad_norm)
+    update(optimizer, applied, scaler)
+    balance_experts(model, applied)
     return {"loss/main": main, "loss/aux": aux, "loss/total": main + aux, "grad_norm": grad_norm}
 

@@ -25,7 +25,7 @@ import torch
 
 import lunaris
 from lunaris.config import TrainConfig
-from lunaris.errors import LunarisError
+from lunaris.errors import ConfigError, LunarisError
 from lunaris.model import LunarisCodex
 from lunaris.runtime import autocast, enable_tf32, peak_flops_per_device, resolve_dtype
 from lunaris.train import checkpoint as ckpt
@@ -103,6 +103,7 @@ class Trainer:
         error, state = None, None
         try:
             self.train_dir, self.val_dir = resolve_data_dirs(cfg.data_dir, cfg.val_data_dir)
+            self._fill_document_separator()  # before the resume check, which compares model configs
             for directory in (self.train_dir, self.val_dir):
                 if directory is not None:
                     check_vocab(directory, cfg.model.vocab_size)
@@ -121,6 +122,20 @@ class Trainer:
         raise_together(error, info)
         self.checkpointer.agree_on_step(state)
         return state
+
+    def _fill_document_separator(self) -> None:
+        """attention_mask: document with document_separator_id null: the training data's end-of-text id, from its
+        manifest, set in the model config (so the checkpoint and the run's resolved config record it)."""
+        from lunaris.data import read_manifest
+        model = self.config.model
+        if model.attention_mask != "document" or model.document_separator_id is not None:
+            return
+        manifest = read_manifest(self.train_dir)
+        if manifest is None or manifest.get("eot_id") is None:
+            raise ConfigError(f"model.attention_mask: document needs document_separator_id (the end-of-text token id "
+                              f"that ends each document), and data_dir {self.train_dir} has no manifest that gives "
+                              f"it; set model.document_separator_id.")
+        model.document_separator_id = int(manifest["eot_id"])
 
     def _build_model_and_optimizer(self, state: Optional[dict]) -> None:
         cfg, info = self.config, self.info
@@ -181,6 +196,7 @@ class Trainer:
         cfg, info = self.config, self.info
         state = state or {}
         self.step = int(state.get("step", 0))
+        self.start_step = self.step      # where this run's loop starts (its first step is logged)
         self.bad_steps = int(state.get("bad_steps", 0))
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.train_seconds = float(state.get("train_seconds", 0.0))  # in steps only (no eval, no saving)
@@ -206,12 +222,13 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             return next(self.batches)
 
-    def _accumulate(self, micro_batches: list) -> steps.StepLosses:
+    def _accumulate(self, micro_batches: list, analyze: bool = False) -> steps.StepLosses:
         """Forward/backward of every micro-batch; the first compiled call compiles, and if that fails, the step
         is redone eagerly after one warning."""
         def run():
+            steps.reset_balance_counts(self.raw_model)  # MoC load_balance: bias counts this step's load only
             return steps.accumulate(self.model, micro_batches, self.info.device, self.dtype, self.scaler,
-                                    sync_context=lambda last: no_sync_context(self.ddp, last))
+                                    sync_context=lambda last: no_sync_context(self.ddp, last), analyze=analyze)
         if not self.compile_pending:
             return run()
         try:
@@ -228,12 +245,16 @@ class Trainer:
         finally:
             self.compile_pending = False
 
-    def train_step(self, step: int) -> dict:
-        """One optimizer step at index `step` (0-based). Returns floats averaged over ranks."""
+    def train_step(self, step: int, analyze: bool = None) -> dict:
+        """One optimizer step at index `step` (0-based). Returns floats averaged over ranks.
+
+        `analyze` adds the IRL analysis metrics (gradient hooks, update cosines); None: on log steps only.
+        """
         cfg, device, world = self.config, self.info.device, self.info.world_size
         lr = lr_at(step, cfg)
         apply_lr(self.optimizer, lr)
-        losses = self._accumulate([self._next_batch() for _ in range(cfg.gradient_accumulation_steps)])
+        analyze = self._logs_after(step + 1) if analyze is None else analyze
+        losses = self._accumulate([self._next_batch() for _ in range(cfg.gradient_accumulation_steps)], analyze)
         self.last_model_metrics = losses.metrics
         norm = full_norm(steps.clip_gradients(self.raw_model.parameters(), self.optimizer, cfg.grad_clip,
                                               self.scaler))
@@ -244,6 +265,7 @@ class Trainer:
         main, aux = main / world, aux / world
         loss_ok, norm_ok = math.isfinite(main + aux), math.isfinite(norm)
         steps.update(self.optimizer, loss_ok and norm_ok, self.scaler)
+        steps.balance_experts(self.raw_model, loss_ok and norm_ok)  # MoC load_balance: bias (a collective)
         self.stopping = stop_votes > 0  # the same on every rank, unlike signals.requested
         bad = not loss_ok or (not norm_ok and not self.scaler.is_enabled())
         return {"loss/total": main + aux, "loss/main": main, "loss/aux": aux, "lr": lr, "grad_norm": norm, "bad": bad}
@@ -267,6 +289,7 @@ class Trainer:
         for line in banner(self):
             self.logger.message(line)
         start, saved_at, last_path = self.step, self.step if self.resumed_from else None, self.resumed_from
+        self.start_step = start
         interval_time, interval_tokens, last_metrics = 0.0, 0, {}
         while self.step < cfg.max_steps:
             began = time.perf_counter()
@@ -282,7 +305,7 @@ class Trainer:
             self.logger.update_bar(result["loss/total"], result["lr"], tokens_per_sec)
 
             record = {}
-            if self.step % cfg.log_interval == 0 or self.step in (start + 1, cfg.max_steps):
+            if self._logs_after(self.step):
                 record = self._train_metrics(result, tokens_per_sec)
                 interval_time, interval_tokens = 0.0, 0
             if (self.val_dir is not None or self.tasks) and cfg.eval_interval > 0 and (
@@ -304,6 +327,10 @@ class Trainer:
         else:
             self.logger.message(f"finished {self.step} steps; final checkpoint {last_path}")
         return TrainResult(self.step, reason, last_path, last_metrics)
+
+    def _logs_after(self, step: int) -> bool:
+        """Whether the loop logs metrics once `step` steps are done: this run's first, every log_interval, the last."""
+        return step % self.config.log_interval == 0 or step in (self.start_step + 1, self.config.max_steps)
 
     def _train_metrics(self, result: dict, tokens_per_sec: float) -> dict:
         """What a log step records: the step's losses, throughput, MFU and the model's metrics (a collective)."""

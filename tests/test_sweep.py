@@ -1,0 +1,255 @@
+"""`lunaris sweep`: variants at an equal budget, fresh processes, the same held-out batches, resume, clear errors."""
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import byte_level_tokenizer
+
+from lunaris.cli import main
+from lunaris.config import load_config
+from lunaris.sweep import read_sweep, summarize, variant_cost
+
+ROOT = Path(__file__).resolve().parents[1]
+MOC = ["--model.n_experts=4", "--model.top_k=2", "--model.collab_mode=simple"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A prepared directory (train/ and val/ splits, a manifest with byte counts for bits per byte)."""
+    from lunaris.data.prepare import PrepareOptions, prepare
+    root = tmp_path_factory.mktemp("sweep-data")
+    docs = root / "docs"
+    docs.mkdir()
+    words = "the quick brown fox jumps over the lazy dog while the cat sleeps".split()
+    rng = np.random.default_rng(0)
+    for i in range(60):
+        (docs / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(words, size=80)), encoding="utf-8")
+    byte_level_tokenizer().save(str(root / "tokenizer.json"))
+    prepare(PrepareOptions(sources=[docs], out=root / "data", tokenizer=root / "tokenizer.json", val_tokens=600,
+                           shard_tokens=2000, progress=False))
+    return root / "data"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_children(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the runs' processes: tiny models are fastest on one thread
+
+
+def write_sweep(root: Path, data, budget: dict, variants: dict, **keys) -> Path:
+    """configs/base.yaml (a tiny CPU model) and sweeps/s.yaml naming it by a relative path."""
+    (root / "configs").mkdir(parents=True, exist_ok=True)
+    (root / "sweeps").mkdir(exist_ok=True)
+    base = {"model": {"vocab_size": 320, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
+                      "max_seq_len": 32, "multiple_of": 16},
+            "data_dir": str(data), "batch_size": 4, "learning_rate": 3e-3, "warmup_steps": 100, "log_interval": 5,
+            "eval_batches": 2, "num_workers": 0, "pin_memory": False, "device": "cpu", "dtype": "fp32"}
+    (root / "configs" / "base.yaml").write_text(yaml.safe_dump(base))
+    sweep = {"base": "../configs/base.yaml", "budget": budget, "variants": variants, **keys}
+    path = root / "sweeps" / "s.yaml"
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    return path
+
+
+def results(out: Path) -> dict:
+    return {row["variant"]: row for row in json.loads((out / "results.json").read_text())["variants"]}
+
+
+def state(out: Path) -> dict:
+    return json.loads((out / "sweep_state.json").read_text())["runs"]
+
+
+def checkpoint_step(run_dir: Path) -> int:
+    return torch.load(run_dir / "latest_checkpoint.pt", map_location="cpu", weights_only=True)["step"]
+
+
+def test_equal_flops_two_variants_end_to_end(tmp_path, data, capsys):
+    dense = variant_cost(load_config(None, {"model.vocab_size": 320, "model.d_model": 32, "model.n_layers": 2,
+                                            "model.n_heads": 4, "model.n_kv_heads": 2, "model.max_seq_len": 32,
+                                            "model.multiple_of": 16, "batch_size": 4}))
+    budget = 16.5 * dense.flops_per_token * dense.tokens_per_step
+    sweep = write_sweep(tmp_path, data, {"flops": budget}, {"dense": [], "moc": MOC}, eval_batches=3)
+    out = tmp_path / "out"
+    assert main(["sweep", str(sweep), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "warmup_steps 100 -> 1" in printed and "| dense |" in printed and "| moc |" in printed
+
+    rows = results(out)
+    assert set(rows) == {"dense", "moc"}
+    for row in rows.values():
+        one_step = row["tokens_per_step"] * row["flops_per_token"]
+        trained = row["steps"] * one_step
+        assert budget - one_step < trained <= budget                    # the budget, to within one step
+        assert row["flops"] == pytest.approx(trained)
+        assert checkpoint_step(Path(row["runs"][0]["run_dir"])) == row["steps"]
+        assert 0 < row["val_loss"] < 10 and 0 < row["val_bpb"] < 10 and row["train_seconds"] > 0
+        assert len(row["runs"][0]["curve"]) >= 4                       # held-out loss during training
+    assert rows["dense"]["steps"] == 16
+    assert rows["moc"]["flops_per_token"] > rows["dense"]["flops_per_token"]
+    assert rows["moc"]["steps"] < rows["dense"]["steps"]
+    assert rows["moc"]["params"] > rows["moc"]["active_params"]                  # 2 of 4 experts per token
+    assert rows["dense"]["params"] == rows["dense"]["active_params"]
+    assert rows["dense"]["eval_tokens"] == rows["moc"]["eval_tokens"] == 3 * 4 * 32   # the same 3 batches each
+    assert {"moc/drop_rate", "moc/router_entropy"} <= set(rows["moc"]["metrics"]) and not rows["dense"]["metrics"]
+    assert (out / "results.md").read_text().startswith("Budget ") and (out / "sweep.png").stat().st_size > 0
+    assert all(run["status"] == "finished" for run in state(out).values())
+
+    # a changed variant is refused, naming it and what changed; --only keeps the others' results in the report
+    text = sweep.read_text().replace("--model.top_k=2", "--model.top_k=1")
+    sweep.write_text(text)
+    assert main(["sweep", str(sweep), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "variant 'moc' (seed 0) was trained with another config" in err and "model.top_k 2 -> 1" in err
+    assert "delete" in err and "variant 'dense'" not in err
+
+
+def test_rerun_skips_finished_runs_and_resumes_an_interrupted_one_at_equal_tokens(tmp_path, data, capsys,
+                                                                                   monkeypatch):
+    sweep = write_sweep(tmp_path, data, {"tokens": 40 * 4 * 32},
+                        {"first": [], "second": ["--model.n_reasoning_steps=2", "--batch_size=8"]})
+    out = tmp_path / "out"
+    assert main(["sweep", str(sweep), "--out", str(out), "--only", "first"]) == 0
+    assert set(results(out)) == {"first"} and "second" not in state(out)
+    first_checkpoint = out / "first-seed0" / "latest_checkpoint.pt"
+    first_mtime = first_checkpoint.stat().st_mtime_ns
+    capsys.readouterr()
+
+    # SIGTERM to the sweep (this process) while `second` trains, paused inside its step-10 save: the sweep passes it
+    # on, the run saves and stops, and the sweep stops
+    def terminate_when_saving():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if list((out / "second-seed0").glob(".ckpt_10.pt.tmp-*")):
+                os.kill(os.getpid(), signal.SIGTERM)  # caught by the sweep's handler while the run trains
+                return
+            time.sleep(0.02)
+
+    monkeypatch.setenv("LUNARIS_TEST_PAUSE_IN_SAVE", "10:1")
+    killer = threading.Thread(target=terminate_when_saving, daemon=True)
+    killer.start()
+    assert main(["sweep", str(sweep), "--out", str(out)]) == 143
+    killer.join()
+    monkeypatch.delenv("LUNARIS_TEST_PAUSE_IN_SAVE")
+    printed = capsys.readouterr().out
+    assert "SIGTERM: finishing the current step" in printed
+    assert "sweep interrupted (second-seed0 stopped with a checkpoint)" in printed
+    stopped = checkpoint_step(out / "second-seed0")
+    assert 10 <= stopped < 20 and state(out)["second-seed0"]["status"] == "started"
+
+    assert main(["sweep", str(sweep), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"seed 0 resumes from step {stopped}" in printed                         # the plan's status column
+    assert "resuming from" in printed and f"at step {stopped}" in printed            # not from step 0
+    assert first_checkpoint.stat().st_mtime_ns == first_mtime                      # not trained again
+    rows = results(out)
+    assert (rows["first"]["steps"], rows["second"]["steps"]) == (40, 20)            # batch 4 and batch 8
+    assert rows["first"]["tokens"] == rows["second"]["tokens"] == 40 * 4 * 32       # the same tokens
+    assert rows["first"]["eval_tokens"] == rows["second"]["eval_tokens"]            # scored on the same batches
+    metrics = [json.loads(line) for line in (out / "second-seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in metrics] == sorted({r["step"] for r in metrics})    # one run, no restart
+
+
+def test_a_tokens_budget_gives_every_variant_the_same_tokens_to_within_a_step(tmp_path, data, capsys):
+    sweep = read_sweep(write_sweep(tmp_path, data, {"tokens": 5000},
+                                   {"b4": [], "b8": ["--batch_size=8"], "seq16": ["--model.max_seq_len=16"],
+                                    "accum3": ["--gradient_accumulation_steps=3"]}))
+    from lunaris.sweep import plan_runs
+    runs = {run.variant: run for run in plan_runs(sweep, tmp_path / "out", {})}
+    for variant, per_step in (("b4", 128), ("b8", 256), ("seq16", 64), ("accum3", 384)):
+        assert sweep.costs[variant].tokens_per_step == per_step
+        assert runs[variant].config.max_steps == 5000 // per_step
+    assert main(["sweep", str(sweep.path), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
+    assert "differ in max_seq_len" in capsys.readouterr().out
+
+
+def test_a_seconds_budget_is_calibrated_once_and_kept(tmp_path, data, capsys):
+    sweep = write_sweep(tmp_path, data, {"seconds": 0.2}, {"dense": []}, eval_batches=1)
+    out = tmp_path / "out"
+    assert main(["sweep", str(sweep), "--out", str(out), "--dry-run"]) == 0
+    assert "timed at start" in capsys.readouterr().out and not out.exists()
+    assert main(["sweep", str(sweep), "--out", str(out)]) == 0
+    steps = json.loads((out / "sweep_state.json").read_text())["calibrated"]["dense"]["steps"]
+    assert steps >= 20 and results(out)["dense"]["steps"] == steps
+    capsys.readouterr()
+    assert main(["sweep", str(sweep), "--out", str(out), "--dry-run"]) == 0
+    assert f"| {steps} |" in capsys.readouterr().out                                # not timed again
+
+
+def test_a_bad_sweep_file_reports_every_problem_at_once(tmp_path, data, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"variant": {"a": []}, "budget": {"flops": -1, "tokens": 10}, "variants": {},
+                                   "seeds": 0}))
+    assert main(["sweep", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "traceback" not in err.lower() and "has 6 problems" in err, err
+    for expected in ("unknown key 'variant' (did you mean 'variants'?)", "base is missing",
+                     "exactly one of flops, tokens, seconds, got flops, tokens", "budget flops must be a positive",
+                     "seeds must be a positive integer", "variants must be a mapping of at least one name"):
+        assert expected in err, expected
+
+    sweep = write_sweep(tmp_path, data, {"tokens": 0.5}, {"ok": [], "heads": ["--model.n_heads=5"],
+                                                          "fixed": ["--max_steps=3"], "typo": ["--model.n_expert=4"]})
+    assert main(["sweep", str(sweep), "--only", "ok,nope"]) == 2
+    err = capsys.readouterr().err
+    for expected in ("variant 'heads': model.d_model (32) must be divisible by model.n_heads (5, from "
+                     "--model.n_heads=5)", "variant 'fixed' sets max_steps (to 3); the sweep sets it from the budget",
+                     "variant 'typo': unknown key 'model.n_expert'", "--only names unknown variant nope",
+                     "variant 'ok': the budget of 0 tokens is less than one optimizer step (128 tokens)"):
+        assert expected in err, (expected, err)
+
+    missing = write_sweep(tmp_path / "missing", tmp_path / "no-data", {"tokens": 1280}, {"dense": []})
+    assert main(["sweep", str(missing), "--out", str(tmp_path / "out")]) == 2       # before anything trains
+    assert "the sweep's data has 1 problem" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, data, capsys):
+    sweep = write_sweep(tmp_path, data, {"tokens": 1280}, {"dense": [], "moc": MOC}, seeds=2)
+    out = tmp_path / "out"
+    assert main(["sweep", str(sweep), "--out", str(out), "--dry-run", "--seeds", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "2 variants x 3 seeds" in printed and "| dense |" in printed and "| 10 | 1.28k |" in printed
+    assert "nothing was trained" in printed and not out.exists()
+
+
+@pytest.mark.parametrize("name", ["moc-study-flops.yaml", "moc-study-time.yaml"])
+def test_the_study_sweeps_plan(name, tmp_path, capsys):
+    path = ROOT / "bench" / "sweeps" / name
+    assert main(["sweep", str(path), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    sweep = read_sweep(path)
+    assert len(sweep.variants) == 10 and all(f"| {v} |" in printed for v in sweep.variants)
+    kinds = {v: (c.model.resolved_collab_mode if c.model.is_moc else "dense", c.model.n_reasoning_steps)
+             for v, c in sweep.configs.items()}
+    assert kinds["topk"] == ("none", 1) and kinds["moc-mha-irl2"] == ("mha", 2) and kinds["dense-irl3"] == ("dense", 3)
+    assert not (tmp_path / "out").exists()
+
+
+def test_seeds_are_averaged_with_their_spread(tmp_path, data):
+    sweep = read_sweep(write_sweep(tmp_path, data, {"tokens": 1280}, {"dense": []}, seeds=2))
+    from lunaris.sweep import format_table, plan_runs
+    runs = plan_runs(sweep, tmp_path / "out", {})
+    fake = {"runs": {run.name: {"status": "finished", "result": {
+        "steps": 10, "val_loss": 2.0 + run.seed, "val_bpb": 1.0 + run.seed, "eval_tokens": 256, "train_seconds": 3.0,
+        "curve": [], "metrics": {}}} for run in runs}}
+    rows = summarize(sweep, runs, fake)
+    assert rows[0]["val_loss"] == 2.5 and rows[0]["seeds"] == [0, 1]
+    assert "2.5000 ± 0.7071" in format_table(sweep, rows)
+
+
+def test_the_readme_sweep_file_plans(tmp_path, capsys):
+    import re
+    readme = (ROOT / "README.md").read_text()
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "variants:" in b)
+    (tmp_path / "sweeps").mkdir()
+    (tmp_path / "configs").symlink_to(ROOT / "bench" / "configs")   # its base: ../configs/baseline-demo-cpu.yaml
+    (tmp_path / "sweeps" / "readme.yaml").write_text(block)
+    assert main(["sweep", str(tmp_path / "sweeps" / "readme.yaml"), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "| dense |" in printed and "| topk |" in printed and not (tmp_path / "out").exists()
