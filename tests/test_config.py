@@ -172,7 +172,7 @@ def test_problems_name_the_override_that_set_a_value():
     heading, lines = problem_lines(info)
     assert heading == f"{DEMO_PRESET} with 3 command-line overrides has 3 problems:"
     assert lines == [
-        "model.d_model (256) must be divisible by model.n_heads (3, from --model.n_heads=3).",
+        "model.d_model (128) must be divisible by model.n_heads (3, from --model.n_heads=3).",
         "model.n_heads (3, from --model.n_heads=3) must be divisible by model.n_kv_heads (2).",
         "dtype must be one of auto, bf16, fp16, fp32, got 'bf61' (from --dtype bf61) (did you mean 'bf16'?).",
     ]
