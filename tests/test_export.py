@@ -95,8 +95,9 @@ def test_dense_model_exports_as_llama_with_the_same_logits(tmp_path, overrides):
 
 @pytest.mark.parametrize("overrides", [
     dict(n_experts=4, top_k=2, capacity_factor=1.0, n_reasoning_steps=2),
+    dict(n_experts=4, top_k=1, n_shared_experts=1, n_reasoning_steps=2, collab_mode="none"),
     dict(n_reasoning_steps=3, n_kv_heads=1, tie_embeddings=False),
-], ids=["moc-irl2", "dense-irl3-untied"])
+], ids=["moc-irl2", "moc-shared-irl2-topk", "dense-irl3-untied"])
 def test_other_models_export_with_their_own_code_and_load_through_auto_model(tmp_path, overrides):
     model = trained_looking_model(**overrides)
     summary = export_checkpoint(save_run(tmp_path / "run", model), tmp_path / "hf")

@@ -39,8 +39,10 @@ def irl_layers(model) -> list:
 
 @contextmanager
 def reasoning_steps(layers: list, steps: int):
-    """Every IRL module runs at most `steps` reasoning steps inside the block; restored on exit."""
-    saved = [(module, module.steps) for _, _, _, module in layers]
+    """Every IRL module (MoC shared experts included) runs at most `steps` reasoning steps; restored on exit."""
+    modules = [module for _, _, _, module in layers]
+    modules += [ffn.shared for _, _, ffn, _ in layers if getattr(ffn, "shared", None) is not None]
+    saved = [(module, module.steps) for module in modules]
     try:
         for module, original in saved:
             module.steps = min(steps, original)

@@ -118,6 +118,9 @@ class LunarisCodexConfig:
     # --- MoC (mixture of collaborating experts) ---
     n_experts: Optional[int] = _f(None, "Experts per MoC layer; null or 0 means a dense model.")
     top_k: int = _f(2, "Experts each token is routed to.")
+    n_shared_experts: int = _f(
+        0, "Always-on shared experts beside the routed ones (DeepSeekMoE): every token also passes through one "
+           "SwiGLU of n_shared_experts*ffn_hidden_size, added to the routed output; 0 disables.")
     moc_every: int = _f(1, "MoC in every n-th layer (layers n-1, 2n-1, ...); dense FFN elsewhere.")
     capacity_factor: Optional[float] = _f(
         1.25, "Training capacity C = ceil(cf*N*K/E) slots per expert; null means dropless.")
@@ -200,6 +203,8 @@ class LunarisCodexConfig:
                                     f"{c.got('load_balance')}{_suggest(self.load_balance, LOAD_BALANCES)}.")
         if not self.balance_bias_rate > 0:
             c.add(["balance_bias_rate"], f"model.balance_bias_rate must be positive, {c.got('balance_bias_rate')}.")
+        if not isinstance(self.n_shared_experts, int) or self.n_shared_experts < 0:
+            c.add(["n_shared_experts"], f"model.n_shared_experts must be an integer >= 0, {c.got('n_shared_experts')}.")
         if self.n_experts is not None and self.n_experts < 0:
             c.add(["n_experts"], f"model.n_experts must be >= 0 or null, {c.got('n_experts')}.")
         if self.d_model > 0 and self.n_heads > 0:

@@ -172,11 +172,14 @@ def irl_iterate(ffn, x: torch.Tensor, steps: int, alpha: float, stats: dict = No
 
 
 class ReasoningFeedForward(nn.Module):
-    """Dense FFN layer: SwiGLU iterated `n_reasoning_steps` times (IRL). Returns (y, aux=None, stats)."""
+    """Dense FFN layer: SwiGLU iterated `n_reasoning_steps` times (IRL). Returns (y, aux=None, stats).
 
-    def __init__(self, config):
+    `hidden` (default ffn_hidden) sets the SwiGLU width; MoC's shared experts are one such FFN.
+    """
+
+    def __init__(self, config, hidden: int = None):
         super().__init__()
-        self.ffn = SwiGLU(config.d_model, config.ffn_hidden)
+        self.ffn = SwiGLU(config.d_model, hidden or config.ffn_hidden)
         self.steps = config.n_reasoning_steps
         self.alpha = config.irl_step_scale
 

@@ -11,6 +11,9 @@ One MoC layer replaces the FFN of a block (model.make_ffn). Read top to bottom:
    Every shape is static and nothing reads a tensor value on the host, so the layer compiles.
 4. IRL inside every expert (layers.irl_iterate): S = 1 is exactly a SwiGLU.
 5. Collaboration among a token's K expert outputs: `mha`, `simple` or `none` (plain weighted sum).
+   With `n_shared_experts` > 0 every token also goes through an always-on shared FFN (DeepSeekMoE), added
+   to the fused routed output; it takes no part in routing or collaboration, and a token whose slots were
+   all dropped still gets it.
 6. Auxiliary losses (fp32): load balance E·Σ f_i·P_i and router z-loss mean(logsumexp(logits)²).
    With `load_balance: bias` (auxiliary-loss-free, DeepSeek-V3) there is no load-balance loss: a per-expert
    bias is added to the logits to select the top-k (the gates stay the unbiased softmax), training forwards
@@ -27,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lunaris.model.layers import RMSNorm, SwiGLU, irl_iterate
+from lunaris.model.layers import ReasoningFeedForward, RMSNorm, SwiGLU, irl_iterate
 
 # ---------------------------------------------------------------------------------------------
 # Grouped matmul availability
@@ -276,6 +279,9 @@ class MoCLayer(nn.Module):
                                       config.n_reasoning_steps, config.irl_step_scale)
         self.collab_mode = config.resolved_collab_mode
         self.collab = COLLABORATIONS[self.collab_mode](config) if self.collab_mode != "none" else None
+        # n_shared_experts always-on experts are one SwiGLU n_shared_experts times as wide, with the same IRL steps.
+        self.shared = (ReasoningFeedForward(config, hidden=config.n_shared_experts * config.ffn_hidden)
+                       if config.n_shared_experts else None)
         # "auto": grouped matmul where it works, else the padded batched matmul. Tests and the
         # benchmark set "grouped" or "padded" to compare the two.
         self.dispatch_backend = "auto"
@@ -284,9 +290,13 @@ class MoCLayer(nn.Module):
 
     def init_weights(self, std: float, residual_std: float):
         """Normal(0, std) for the router, experts' gate/up and collaboration inputs; residual_std for
-        the experts' down and the collaboration output projections (called by model.reset_parameters)."""
+        the experts' and shared experts' down and the collaboration output projections (called by
+        model.reset_parameters)."""
         nn.init.normal_(self.router.weight, 0.0, std)
         self.experts.init_weights(std, residual_std)
+        if self.shared is not None:
+            nn.init.normal_(self.shared.ffn.gate_up.weight, 0.0, std)
+            nn.init.normal_(self.shared.ffn.down.weight, 0.0, residual_std)
         if self.collab is not None:
             for module in self.collab.modules():
                 if isinstance(module, nn.Linear):
@@ -353,6 +363,8 @@ class MoCLayer(nn.Module):
         if self.collab is not None:
             slots = self.collab(slots * plan.keep.unsqueeze(-1).to(slots.dtype), plan.keep)
         y = torch.bmm(weights.to(slots.dtype).unsqueeze(1), slots).view(B, T, D)   # weighted fuse
+        if self.shared is not None:  # no statistics: the layer's `irl/` stats describe the routed experts
+            y = y + irl_iterate(self.shared.ffn, x, self.shared.steps, self.shared.alpha)   # (B, T, D)
 
         probs, log_normalizer = logits.softmax(dim=-1), torch.logsumexp(logits, dim=-1)   # (N, E), (N,)
         aux = self.aux_loss(probs, log_normalizer, plan.counts, N)
@@ -410,7 +422,9 @@ class MoCLayer(nn.Module):
 
     # ---- accounting ----
     def matmul_params_per_token(self) -> int:
-        """Weights each token multiplies through: router + top_k experts x IRL steps + collaboration per slot."""
+        """Weights each token multiplies through: router + top_k experts x IRL steps + collaboration per slot,
+        + the shared experts x IRL steps."""
         expert = 3 * self.d_model * self.experts.hidden                        # gate, up, down
         collab = sum(p.numel() for p in self.collab.parameters() if p.dim() >= 2) if self.collab is not None else 0
-        return self.d_model * self.n_experts + self.top_k * (self.experts.steps * expert + collab)
+        shared = self.shared.matmul_params_per_token() if self.shared is not None else 0
+        return self.d_model * self.n_experts + self.top_k * (self.experts.steps * expert + collab) + shared
