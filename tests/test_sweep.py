@@ -15,7 +15,7 @@ from conftest import byte_level_tokenizer
 
 from lunaris.cli import main
 from lunaris.config import load_config
-from lunaris.sweep import read_sweep, summarize, variant_cost
+from lunaris.sweep import _differences, read_sweep, summarize, variant_cost
 
 ROOT = Path(__file__).resolve().parents[1]
 MOC = ["--model.n_experts=4", "--model.top_k=2", "--model.collab_mode=simple"]
@@ -180,6 +180,17 @@ def test_a_seconds_budget_is_calibrated_once_and_kept(tmp_path, data, capsys):
     capsys.readouterr()
     assert main(["sweep", str(sweep), "--out", str(out), "--dry-run"]) == 0
     assert f"| {steps} |" in capsys.readouterr().out                                # not timed again
+
+    # A state written before a config key existed (here n_shared_experts): at its default it is the same run.
+    state_path = out / "sweep_state.json"
+    state = json.loads(state_path.read_text())
+    del state["calibrated"]["dense"]["config"]["model.n_shared_experts"]
+    del state["runs"]["dense-seed0"]["config"]["model.n_shared_experts"]
+    state_path.write_text(json.dumps(state))
+    assert main(["sweep", str(sweep), "--out", str(out), "--dry-run"]) == 0
+    assert f"| {steps} |" in capsys.readouterr().out and results(out)["dense"]["steps"] == steps
+    assert _differences({}, {"model.n_shared_experts": 1}) == ["model.n_shared_experts None -> 1"]
+    assert _differences({}, {"model.n_shared_experts": 0}) == []
 
 
 def test_a_bad_sweep_file_reports_every_problem_at_once(tmp_path, data, capsys):

@@ -36,6 +36,7 @@ The report: OUT/results.md, OUT/results.json and OUT/sweep.png (held-out loss ag
 
 import argparse
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -419,7 +420,13 @@ def _steps(sweep: Sweep, variant: str, state: dict) -> Optional[int]:
     if sweep.budget_kind != "seconds":
         return _budget_steps(sweep, sweep.costs[variant])
     record = state.get("calibrated", {}).get(variant)
-    return record["steps"] if record and record.get("key") == calibration_key(sweep, variant) else None
+    if not record:
+        return None
+    if "config" in record:
+        same = not _differences(record["config"], calibration_config(sweep, variant))
+    else:  # recorded by the first version of the state, which kept only a hash
+        same = record.get("key") == calibration_key(sweep, variant)
+    return record["steps"] if same else None
 
 
 def _flat(config) -> dict:
@@ -441,14 +448,29 @@ def fingerprint(sweep: Sweep, run: Run) -> dict:
     return _jsonable(flat)
 
 
-def calibration_key(sweep: Sweep, variant: str) -> str:
+def calibration_config(sweep: Sweep, variant: str) -> dict:
+    """What a variant's step time depends on: its config less seed, schedule, logging and paths, and the budget."""
     flat = {k: v for k, v in _flat(sweep.configs[variant]).items() if k not in NOT_COMPARED | SCHEDULE | {"seed"}}
     flat.update({"seconds": sweep.budget, "world_size": sweep.world_size})
-    return hashlib.sha256(json.dumps(_jsonable(flat), sort_keys=True).encode()).hexdigest()[:16]
+    return _jsonable(flat)
+
+
+def calibration_key(sweep: Sweep, variant: str) -> str:
+    return hashlib.sha256(json.dumps(calibration_config(sweep, variant), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def _defaults() -> dict:
+    from lunaris.config import TrainConfig
+    return _jsonable(_flat(TrainConfig()))
 
 
 def _differences(old: dict, new: dict, skip=()) -> list:
-    keys = [k for k in dict.fromkeys([*old, *new]) if k not in skip and old.get(k) != new.get(k)]
+    """`key old -> new` for each differing key. A key the old record lacks is no difference while the new value is
+    that key's default: a later Lunaris added the key, and at its default it trains what the earlier one trained."""
+    defaults = _defaults()
+    keys = [k for k in dict.fromkeys([*old, *new]) if k not in skip and old.get(k) != new.get(k)
+            and not (k not in old and k in defaults and new.get(k) == defaults[k])]
     return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys]
 
 
@@ -615,7 +637,7 @@ def _calibrate(sweep: Sweep, variant: str, runs: list, out: Path, state: dict, i
             return None
         raise _failure(f"calibrating variant '{variant}'", status, tail, run_dir / "sweep.log")
     steps = int(json.loads(result_path.read_text())["steps"])
-    state["calibrated"][variant] = {"key": calibration_key(sweep, variant), "steps": steps,
+    state["calibrated"][variant] = {"config": calibration_config(sweep, variant), "steps": steps,
                                     "seconds": sweep.budget}
     save_state(out, state)
     return steps
