@@ -938,11 +938,14 @@ def plot_sweep(rows: list, path: Path) -> Path:
 
     from lunaris.fileio import atomic_open
     fig, (by_flops, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for row in rows:
+    for i, row in enumerate(rows):
+        # 10 colours, then the same colours dashed, dotted, ...: every variant keeps its own line
+        style = dict(color=f"C{i % 10}", linestyle=("-", "--", ":", "-.")[i // 10 % 4], marker="o", markersize=3,
+                     label=row["variant"])
         curve = _mean_curve(row)
-        by_flops.plot([c[0] for c in curve], [c[2] for c in curve], marker="o", markersize=3, label=row["variant"])
+        by_flops.plot([c[0] for c in curve], [c[2] for c in curve], **style)
         timed = [c for c in curve if c[1] is not None]
-        by_time.plot([c[1] for c in timed], [c[2] for c in timed], marker="o", markersize=3, label=row["variant"])
+        by_time.plot([c[1] for c in timed], [c[2] for c in timed], **style)
     for ax, label in ((by_flops, "training FLOPs"), (by_time, "training seconds")):
         ax.set_xlabel(label)
         ax.set_ylabel("held-out loss (nats/token)")
