@@ -1,8 +1,10 @@
 """`lunaris sweep`: variants at an equal budget, fresh processes, the same held-out batches, resume, clear errors."""
 
 import json
+import math
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -167,6 +169,20 @@ def test_a_tokens_budget_gives_every_variant_the_same_tokens_to_within_a_step(tm
         assert runs[variant].config.max_steps == 5000 // per_step
     assert main(["sweep", str(sweep.path), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
     assert "differ in max_seq_len" in capsys.readouterr().out
+
+
+def test_a_launcher_runs_each_variant_on_two_processes(tmp_path, data, capsys):
+    # torchrun as the launcher: the budget counts both processes' tokens, rank 0 writes the result
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    sweep = write_sweep(tmp_path, data, {"tokens": 2560}, {"moc": [*MOC, "--model.n_shared_experts=1"]},
+                        launcher=launcher, eval_batches=1)
+    out = tmp_path / "out"
+    assert main(["sweep", str(sweep), "--out", str(out)]) == 0, capsys.readouterr().err
+    row = results(out)["moc"]
+    assert row["steps"] == 2560 // (4 * 32 * 2) == 10 and row["tokens"] == 2560
+    assert math.isfinite(row["val_loss"]) and checkpoint_step(out / "moc-seed0") == 10
+    log = (out / "moc-seed0" / "sweep.log").read_text()
+    assert "256 tokens/step (4 x 32 x accum 1 x 2 proc)" in log and "ddp" in log
 
 
 def test_a_seconds_budget_is_calibrated_once_and_kept(tmp_path, data, capsys):
