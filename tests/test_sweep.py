@@ -251,10 +251,14 @@ def test_the_study_sweeps_plan(name, tmp_path, capsys):
     assert main(["sweep", str(path), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
     printed = capsys.readouterr().out
     sweep = read_sweep(path)
-    assert len(sweep.variants) == 10 and all(f"| {v} |" in printed for v in sweep.variants)
+    assert len(sweep.variants) == 11 and all(f"| {v} |" in printed for v in sweep.variants)
+    assert sweep.seeds == 2
     kinds = {v: (c.model.resolved_collab_mode if c.model.is_moc else "dense", c.model.n_reasoning_steps)
              for v, c in sweep.configs.items()}
     assert kinds["topk"] == ("none", 1) and kinds["moc-mha-irl2"] == ("mha", 2) and kinds["dense-irl3"] == ("dense", 3)
+    shared = sweep.configs["topk-shared"].model
+    assert (shared.top_k, shared.n_shared_experts) == (1, 1)
+    assert sweep.costs["topk-shared"].active_params == sweep.costs["topk"].active_params   # same active weights
     assert not (tmp_path / "out").exists()
 
 
