@@ -30,6 +30,23 @@ def byte_level_tokenizer():
     return tokenizer
 
 
+def prepared_words(root, words: str, n_docs: int, doc_words: int, val_tokens: int, shard_tokens: int):
+    """`lunaris prepare` of n_docs random sentences of `words` (train/ and val/ splits, a manifest with byte counts
+    for bits per byte) with the byte-level tokenizer; returns the data directory root/data."""
+    import numpy as np
+
+    from lunaris.data.prepare import PrepareOptions, prepare
+    docs = root / "docs"
+    docs.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n_docs):
+        (docs / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(words.split(), size=doc_words)), encoding="utf-8")
+    byte_level_tokenizer().save(str(root / "tokenizer.json"))
+    prepare(PrepareOptions(sources=[docs], out=root / "data", tokenizer=root / "tokenizer.json",
+                           val_tokens=val_tokens, shard_tokens=shard_tokens, progress=False))
+    return root / "data"
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_one_thread():
     """Seeded, and one intra-op thread: tiny tensors run faster (and steadier on a busy machine) on one."""

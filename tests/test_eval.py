@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import byte_level_tokenizer, tiny_model_config
+from conftest import prepared_words, tiny_model_config
 
 from lunaris import LunarisCodex, TrainConfig
 from lunaris.cli import main
@@ -17,18 +17,9 @@ from lunaris.data import ShardDataset, read_manifest
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """A `lunaris prepare` directory (train/ and val/ splits, manifest with byte counts)."""
-    from lunaris.data.prepare import PrepareOptions, prepare
-    root = tmp_path_factory.mktemp("eval")
-    docs = root / "docs"
-    docs.mkdir()
-    words = "the quick brown fox jumps over the lazy dog while héllo wörld ☃ sings".split()
-    rng = np.random.default_rng(0)
-    for i in range(40):
-        (docs / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(words, size=60)), encoding="utf-8")
-    byte_level_tokenizer().save(str(root / "tokenizer.json"))
-    prepare(PrepareOptions(sources=[docs], out=root / "data", tokenizer=root / "tokenizer.json", val_tokens=900,
-                           shard_tokens=500, progress=False))
-    return root / "data"
+    return prepared_words(tmp_path_factory.mktemp("eval"),
+                          "the quick brown fox jumps over the lazy dog while héllo wörld ☃ sings",
+                          n_docs=40, doc_words=60, val_tokens=900, shard_tokens=500)
 
 
 def save_run(run_dir, model, data_dir):

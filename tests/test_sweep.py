@@ -9,11 +9,10 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import byte_level_tokenizer
+from conftest import prepared_words
 
 from lunaris.cli import main
 from lunaris.config import load_config
@@ -26,18 +25,9 @@ MOC = ["--model.n_experts=4", "--model.top_k=2", "--model.collab_mode=simple"]
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """A prepared directory (train/ and val/ splits, a manifest with byte counts for bits per byte)."""
-    from lunaris.data.prepare import PrepareOptions, prepare
-    root = tmp_path_factory.mktemp("sweep-data")
-    docs = root / "docs"
-    docs.mkdir()
-    words = "the quick brown fox jumps over the lazy dog while the cat sleeps".split()
-    rng = np.random.default_rng(0)
-    for i in range(60):
-        (docs / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(words, size=80)), encoding="utf-8")
-    byte_level_tokenizer().save(str(root / "tokenizer.json"))
-    prepare(PrepareOptions(sources=[docs], out=root / "data", tokenizer=root / "tokenizer.json", val_tokens=600,
-                           shard_tokens=2000, progress=False))
-    return root / "data"
+    return prepared_words(tmp_path_factory.mktemp("sweep-data"),
+                          "the quick brown fox jumps over the lazy dog while the cat sleeps",
+                          n_docs=60, doc_words=80, val_tokens=600, shard_tokens=2000)
 
 
 @pytest.fixture(autouse=True)
@@ -207,6 +197,17 @@ def test_a_seconds_budget_is_calibrated_once_and_kept(tmp_path, data, capsys):
     assert f"| {steps} |" in capsys.readouterr().out and results(out)["dense"]["steps"] == steps
     assert _differences({}, {"model.n_shared_experts": 1}) == ["model.n_shared_experts None -> 1"]
     assert _differences({}, {"model.n_shared_experts": 0}) == []
+
+
+def test_a_missing_unreadable_or_invalid_sweep_file_is_one_clear_error(tmp_path, capsys):
+    binary, broken = tmp_path / "binary.yaml", tmp_path / "broken.yaml"
+    binary.write_bytes(b"\xff\xfe\x00")
+    broken.write_text("variants: [unclosed\n")
+    for path, expected in ((tmp_path / "nope.yaml", "does not exist; pass the path of a YAML file (with base"),
+                           (binary, "cannot be read"), (broken, "is not valid YAML")):
+        assert main(["sweep", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert f"error: sweep file {path} {expected}" in err and "Traceback" not in err, err
 
 
 def test_a_bad_sweep_file_reports_every_problem_at_once(tmp_path, data, capsys):

@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lunaris.errors import LunarisError
+from lunaris.errors import LunarisError, exit_status
 
 # ---- lunaris config -----------------------------------------------------------------------------
 
@@ -142,6 +142,13 @@ def _add_model_source(p):
                    help="checkpoint file (ckpt_<step>.pt, latest_checkpoint.pt) or run directory (its newest)")
 
 
+def _add_held_out_args(p):
+    """--data and --batch-size of the commands that read held-out batches as `lunaris eval` does."""
+    p.add_argument("--data", metavar="DIR", help="prepared data directory (its val/ split) or a directory of "
+                                                 ".npy shards (default: the run's held-out data)")
+    p.add_argument("--batch-size", type=int, help="sequences per batch (default: the run's batch_size)")
+
+
 def _add_device_args(p):
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
@@ -195,10 +202,8 @@ def add_eval_parser(sub):
                                    "tokens evaluated. With --tasks, score downstream tasks instead and print a "
                                    "table of accuracy, normalized accuracy and chance per task.")
     _add_model_source(p)
-    p.add_argument("--data", metavar="DIR", help="prepared data directory (its val/ split) or a directory of "
-                                                 ".npy shards (default: the run's held-out data)")
+    _add_held_out_args(p)
     p.add_argument("--max-batches", type=int, help="evaluate only the first N batches (default: all)")
-    p.add_argument("--batch-size", type=int, help="sequences per batch (default: the run's batch_size)")
     p.add_argument("--json", metavar="FILE", help="also write the result to FILE")
     p.add_argument("--tasks", nargs="+", metavar="TASK",
                    help="score these tasks: `embedded` (python_next_line, built from the standard library), "
@@ -241,10 +246,8 @@ def add_analyze_parser(sub):
                                    "steps, s = 1..S, on the batches `lunaris eval` reads (s = S is its loss).")
     p.add_argument("checkpoint", metavar="CKPT",
                    help="checkpoint file (ckpt_<step>.pt, latest_checkpoint.pt) or run directory (its newest)")
-    p.add_argument("--data", metavar="DIR", help="prepared data directory (its val/ split) or a directory of "
-                                                 ".npy shards (default: the run's held-out data)")
+    _add_held_out_args(p)
     p.add_argument("--batches", type=int, default=20, help="held-out batches to evaluate (default 20)")
-    p.add_argument("--batch-size", type=int, help="sequences per batch (default: the run's batch_size)")
     p.add_argument("--json", metavar="FILE", help="also write the numbers to FILE")
     _add_device_args(p)
     p.set_defaults(func=cmd_analyze)
@@ -409,14 +412,7 @@ def main(argv=None) -> int:
         return 2
     if extra and not getattr(args, "accepts_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    try:
-        return args.func(args, extra) or 0
-    except LunarisError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return exit_status(lambda: args.func(args, extra))
 
 
 if __name__ == "__main__":

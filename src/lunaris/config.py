@@ -647,17 +647,18 @@ def _build_train_config(data, source: str) -> TrainConfig:
     return config
 
 
-def read_yaml(path) -> dict:
+def read_yaml(path, what: str = "config file", hint: str = "see configs/ for ready presets"):
+    """The parsed YAML of `path` ({} for an empty file); a missing, unreadable or invalid file is a ConfigError
+    naming `what` and, for a missing one, the `hint`."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass the path of a YAML file "
-                          f"(see configs/ for ready presets).")
+        raise ConfigError(f"{what} {path} does not exist; pass the path of a YAML file ({hint}).")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config file {path} cannot be read: {exc}") from None
+        raise ConfigError(f"{what} {path} cannot be read: {exc}") from None
     return data if data is not None else {}
 
 

@@ -2,8 +2,10 @@
 
 Every problem a user can cause (a bad config, a missing file, a corrupt shard) is raised as a
 `LunarisError` whose message is one paragraph naming the file, key or value and what to do. The CLI
-prints it without a traceback and exits with status 2.
+prints it without a traceback and exits with status 2 (`exit_status`).
 """
+
+import sys
 
 
 class LunarisError(Exception):
@@ -20,3 +22,16 @@ class DataError(LunarisError, ValueError):
 
 class CheckpointError(LunarisError, ValueError):
     """A checkpoint that is missing, unreadable, or made for another configuration."""
+
+
+def exit_status(run) -> int:
+    """Call `run()` as a command: its status (None is 0); a LunarisError prints `error: MESSAGE` on stderr and
+    gives 2, Ctrl-C prints `interrupted` and gives 130. Never a traceback for the user's mistakes."""
+    try:
+        return run() or 0
+    except LunarisError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -57,7 +57,7 @@ from typing import Optional
 
 import yaml
 
-from lunaris.errors import ConfigError, LunarisError
+from lunaris.errors import ConfigError, LunarisError, exit_status
 
 SWEEP_KEYS = ("base", "config", "overrides", "budget", "seeds", "eval_batches", "eval_interval", "launcher",
               "world_size", "variants")
@@ -204,14 +204,10 @@ def _base_file(sweep: Sweep):
 
 def read_sweep(path, seeds: int = None, only=None, extra_overrides=()) -> Sweep:
     """Read and check a sweep file; every problem (the file's and every variant's config) in one ConfigError."""
+    from lunaris.config import read_yaml
     path = Path(path)
-    if not path.is_file():
-        raise LunarisError(f"sweep file {path} does not exist; pass a YAML file with base, budget and variants "
-                           f"(bench/sweeps/ of a source checkout has examples).")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"sweep file {path} is not valid YAML: {exc}") from None
+    data = read_yaml(path, "sweep file", "with base, budget and variants; bench/sweeps/ of a source checkout has "
+                                         "examples")
     if not isinstance(data, dict):
         raise ConfigError(f"sweep file {path} must be a YAML mapping with base, budget and variants, got "
                           f"{type(data).__name__}.")
@@ -744,33 +740,31 @@ def worker_main(argv=None) -> int:
     p.add_argument("--eval-batches", type=int, help="train: held-out batches to score (default: all)")
     p.add_argument("--eval-batch-size", type=int, help="train: sequences per held-out batch")
     args = p.parse_args(argv)
-    try:
-        from lunaris.config import load_config
-        from lunaris.fileio import atomic_write_json
-        config = load_config(args.config)
-        if args.worker == "calibrate":
-            from lunaris.demo import calibrate_steps
-            atomic_write_json(args.result, {"steps": calibrate_steps(config, args.seconds / 60, share=1.0)})
-            return 0
-        from lunaris.evaluate import run_eval
-        from lunaris.train.trainer import train
-        trained = train(config)
-        if int(os.environ.get("RANK", "0")) != 0:
-            return 0
-        if trained.step < config.max_steps:  # stopped by SIGTERM/SIGINT: the checkpoint resumes it; no result
-            return 0
-        scores = run_eval(config.out_dir, max_batches=args.eval_batches, batch_size=args.eval_batch_size,
-                          device=config.device, dtype=config.dtype)
-        atomic_write_json(args.result, {"steps": trained.step, "val_loss": scores["loss"],
-                                        "val_bpb": scores["bits_per_byte"], "eval_tokens": scores["tokens"],
-                                        "eval_batches": scores["batches"]})
+    return exit_status(lambda: _work(args))
+
+
+def _work(args) -> int:
+    """The worker's job (see worker_main)."""
+    from lunaris.config import load_config
+    from lunaris.fileio import atomic_write_json
+    config = load_config(args.config)
+    if args.worker == "calibrate":
+        from lunaris.demo import calibrate_steps
+        atomic_write_json(args.result, {"steps": calibrate_steps(config, args.seconds / 60, share=1.0)})
         return 0
-    except LunarisError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    from lunaris.evaluate import run_eval
+    from lunaris.train.trainer import train
+    trained = train(config)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if trained.step < config.max_steps:  # stopped by SIGTERM/SIGINT: the checkpoint resumes it; no result
+        return 0
+    scores = run_eval(config.out_dir, max_batches=args.eval_batches, batch_size=args.eval_batch_size,
+                      device=config.device, dtype=config.dtype)
+    atomic_write_json(args.result, {"steps": trained.step, "val_loss": scores["loss"],
+                                    "val_bpb": scores["bits_per_byte"], "eval_tokens": scores["tokens"],
+                                    "eval_batches": scores["batches"]})
+    return 0
 
 
 # ---- the report ------------------------------------------------------------------------------------------------
