@@ -63,14 +63,67 @@ def setup_distributed(device_preference: str) -> DistInfo:
     return DistInfo(rank, local_rank, world_size, device)
 
 
-def teardown_distributed(clean_exit: bool = False) -> None:
-    """Destroy the process group. After a clean run every rank first meets at a barrier: gloo aborts a
-    process ("terminate called without an active exception") whose peer tears its connections down
-    while it is still destroying its own. Not after an error, where a peer may never arrive."""
-    if dist.is_initialized():
-        if clean_exit:
-            dist.barrier()
-        dist.destroy_process_group()
+# The end-of-run barrier waits at most this long for the other processes (they are in step with this one after
+# the final save, so a longer wait means a node died or hangs); the README's Multi-GPU section quotes it.
+END_BARRIER_SECONDS = 60.0
+
+
+class PeerLostError(LunarisError):
+    """Another process of the run is gone (crashed, killed, or hung): this one stops instead of waiting forever."""
+
+
+def is_peer_lost(exc: BaseException) -> bool:
+    """Whether a collective failed because a peer process is gone: torch's distributed errors (NCCL watchdog,
+    store, network), or gloo's RuntimeError for a connection the peer's exit closed."""
+    dist_error = getattr(dist, "DistError", ())
+    if dist_error and isinstance(exc, dist_error):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("gloo" in text or "Connection closed by peer" in text
+                                              or "Connection reset by peer" in text)
+
+
+def peer_lost(exc: BaseException, rank: int) -> PeerLostError:
+    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return PeerLostError(f"rank {rank}: lost contact with another process of the run ({first_line}); it crashed, "
+                         f"was killed or hangs, and its own output says why. This process stops without waiting "
+                         f"for it; restart the same command to resume from the last checkpoint.")
+
+
+def release_ddp(ddp) -> None:
+    """Free a DDP wrapper's C++ reducer now, while the process group still exists.
+
+    The reducer holds a reference to the process group, and pybind11 frees a reducer with the GIL held. If the
+    reducer is the last owner (it outlives `destroy_process_group`), freeing it runs ProcessGroupGloo's
+    destructor, which joins gloo's worker threads while holding the GIL; a worker thread that is still releasing
+    the tensors of a finished collective needs the GIL for that: the process hangs at exit, forever
+    (pytorch/pytorch#56297). Freed here, the reducer only drops its reference.
+    """
+    if ddp is not None:
+        ddp.logger = None    # the C++ logger holds the reducer too
+        ddp.reducer = None
+
+
+def teardown_distributed(clean_exit: bool = False, rank: int = 0) -> None:
+    """Leave the process group; never waits longer than END_BARRIER_SECONDS.
+
+    After a clean run every rank first meets at a barrier: gloo aborts a process ("terminate called without an
+    active exception") whose peer tears its connections down while it is still destroying its own. Not after an
+    error, where a peer may never arrive. A barrier that times out raises PeerLostError and leaves the group as it
+    is: destroying it would wait for the stuck barrier (the CLI then exits at once, see trainer.run_cli).
+    """
+    if not dist.is_initialized():
+        return
+    if clean_exit:
+        work = dist.barrier(async_op=True)
+        try:
+            work.wait(timeout=timedelta(seconds=END_BARRIER_SECONDS))
+        except RuntimeError as exc:  # a timeout, or a peer that already closed its connections
+            raise PeerLostError(f"rank {rank}: the other processes did not reach the end of the run within "
+                                f"{END_BARRIER_SECONDS:.0f} s ({(str(exc).splitlines() or [''])[0][:160]}); a node "
+                                f"died or hangs. This process exits without waiting for it; the checkpoints "
+                                f"written so far are complete.") from None
+    dist.destroy_process_group()
 
 
 # ---- small collectives (no-ops in a single process) ------------------------------------------------

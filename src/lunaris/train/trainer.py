@@ -12,6 +12,7 @@ losses the uninterrupted run would have.
 """
 
 import math
+import os
 import random
 import sys
 import time
@@ -32,13 +33,17 @@ from lunaris.train import checkpoint as ckpt
 from lunaris.train import step as steps
 from lunaris.train.checkpointer import Checkpointer, check_out_dir_writable, describe_error
 from lunaris.train.distributed import (
+    PeerLostError,
     all_reduce_sum,
     apply_fsdp,
     full_norm,
     gather_objects,
+    is_peer_lost,
     no_sync_context,
     params_without_grad,
+    peer_lost,
     raise_together,
+    release_ddp,
     setup_distributed,
     teardown_distributed,
     wrap_ddp,
@@ -397,29 +402,52 @@ class Trainer:
         return path
 
     def close(self, clean_exit: bool = False) -> None:
+        """Leave the process group first (every rank is in step right after the run's last collective, the final
+        save), then release what is local: W&B's upload, say, may take a while and needs no peer."""
         self.signals.restore()
-        if self.logger is not None:
-            self.logger.close()
-            self.logger = None
-        if self.loader is not None and hasattr(self.loader, "close"):
-            self.loader.close()
-        teardown_distributed(clean_exit)
+        release_ddp(getattr(self, "ddp", None))
+        try:
+            teardown_distributed(clean_exit, self.info.rank)
+        finally:
+            if self.logger is not None:
+                self.logger.close()
+                self.logger = None
+            if self.loader is not None and hasattr(self.loader, "close"):
+                self.loader.close()
 
 
 def train(config: TrainConfig, resume=None) -> TrainResult:
-    """Run a training job to the end (or to a SIGTERM/SIGINT). See `Trainer` for `resume`."""
-    trainer = Trainer(config, resume=resume)
-    clean_exit = False
+    """Run a training job to the end (or to a SIGTERM/SIGINT). See `Trainer` for `resume`.
+
+    Under torchrun, a collective that fails because another process is gone becomes a PeerLostError (one line,
+    no traceback) on every surviving rank, instead of a wait or a gloo/NCCL traceback.
+    """
     try:
-        result = trainer.run()
-        clean_exit = True
-        return result
-    finally:
-        trainer.close(clean_exit)
+        trainer = Trainer(config, resume=resume)
+        clean_exit = False
+        try:
+            result = trainer.run()
+            clean_exit = True
+            return result
+        finally:
+            trainer.close(clean_exit)
+    except RuntimeError as exc:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and is_peer_lost(exc):
+            raise peer_lost(exc, int(os.environ.get("RANK", "0"))) from None
+        raise
 
 
 def run_cli(config_path, overrides=None, resume=None, no_resume: bool = False) -> int:
-    """`lunaris train CONFIG [--key=value ...] [--resume PATH | --no-resume]`; returns the exit status."""
+    """`lunaris train CONFIG [--key=value ...] [--resume PATH | --no-resume]`; returns the exit status.
+
+    When another process of the run is gone, this one says so and exits at once (status 1): its process group may
+    still hold a collective that will never complete, and the interpreter's own shutdown would wait for it.
+    """
     from lunaris.config import load_config
-    train(load_config(config_path, overrides), resume=False if no_resume else resume)
+    try:
+        train(load_config(config_path, overrides), resume=False if no_resume else resume)
+    except PeerLostError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
     return 0
