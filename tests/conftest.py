@@ -1,5 +1,7 @@
 """Shared fixtures: tiny configs that build and run in milliseconds on CPU."""
 
+import time
+
 import pytest
 import torch
 
@@ -55,3 +57,20 @@ def _seed_and_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left_behind():
+    """A test that leaves a child process running (a hung torchrun worker, say) fails in its teardown, naming it;
+    the process is killed so that it cannot load the machine or hold a port during the next tests."""
+    from processes import kill_tree, leftover_processes
+    yield
+    left = leftover_processes()
+    if left:
+        time.sleep(2.0)   # an agent that is exiting right now
+        left = leftover_processes()
+    for pid, _ in left:
+        kill_tree(pid)
+    if left:
+        pytest.fail("processes still running after the test (killed):\n"
+                    + "\n".join(f"  {pid}: {line[:200]}" for pid, line in left), pytrace=False)

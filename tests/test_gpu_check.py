@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import processes
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,8 +36,7 @@ def fake_bin(tmp_path):
 
 
 def run(*args, env=None, cwd=None, timeout=180) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
-                          env=env or dict(os.environ), cwd=cwd or ROOT, check=False)
+    return processes.run(["bash", str(SCRIPT), *args], timeout, cwd=cwd or ROOT, env=env or dict(os.environ))
 
 
 def pip_calls(record: Path) -> list:

@@ -2,10 +2,10 @@
 
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
+import processes
 import pytest
 
 from lunaris import load_config
@@ -88,8 +88,7 @@ def test_runnable_shell_blocks_work(tmp_path):
         for original, scaled in SCALE_DOWN:
             script = script.replace(original, scaled)
         for attempt in ("first run", "second run"):  # every block is safe to paste twice
-            result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env,
-                                    capture_output=True, text=True, timeout=900)
+            result = processes.run(["bash", "-euo", "pipefail", "-c", script], 900, cwd=tmp_path, env=env)
             assert result.returncode == 0, f"README block failed ({attempt}):\n{script}\n--- stdout\n" \
                                            f"{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}"
     assert (tmp_path / "runs/demo/dense/training.png").is_file()

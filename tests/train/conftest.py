@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import processes
 import pytest
 import torch
 import yaml
@@ -75,10 +76,10 @@ def subprocess_env(**extra) -> dict:
 
 
 def torchrun(args: list, timeout: float = 240) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node=2 ARGS` on CPU (gloo), from the repository root."""
+    """`torchrun --standalone --nproc_per_node=2 ARGS` on CPU (gloo), from the repository root; a launch still
+    running after `timeout` is killed with its workers and fails with its output."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
-    return subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout,
-                          check=False)
+    return processes.run(command, timeout, cwd=REPO, env=subprocess_env())
 
 
 def final_weights(out_dir) -> dict:

@@ -14,19 +14,16 @@ the save's barrier), so the signal lands at a known point instead of racing a fa
 import os
 import re
 import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from processes import TORCHRUN, Processes, free_port, multinode_c10d_args, multinode_static_args, worker_ranks
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"),
                                                     reason="finds torchrun's workers through /proc (Linux)")]
 FINAL_STEP = 12
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 # torchrun's agents share their TCPStore with the workers (torch >= 2.5); after a restart the workers can read
 # the previous attempt's gloo/NCCL addresses from it and fail to connect (pytorch/pytorch#135712). A store per
 # attempt avoids that.
@@ -55,91 +52,15 @@ def reference(tmp_path_factory, token_data, helpers):
 
 # ---- processes ------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def child_pids(pid: int) -> list:
-    """Processes whose parent is `pid` (torchrun starts each worker in a session of its own)."""
-    children = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:   # field 4, after "pid (comm) state"
-                children.append(int(entry.name))
-    return children
-
-
-def worker_ranks(agent_pid: int) -> dict:
-    """{RANK: pid} of the training processes a torchrun agent started."""
-    ranks = {}
-    for pid in child_pids(agent_pid):
-        try:
-            variables = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        env = dict(v.split(b"=", 1) for v in variables if b"=" in v)
-        if b"RANK" in env and b"TORCHELASTIC_RUN_ID" in env:
-            ranks[int(env[b"RANK"])] = pid
-    return ranks
-
-
-class Launches:
-    """torchrun processes with output in files; `close()` kills whatever is left (agents and their workers)."""
+class Launches(Processes):
+    """torchrun launches from the repository root (see tests/processes.py: every wait kills and reports all)."""
 
     def __init__(self, directory: Path, helpers):
-        self.directory, self.helpers, self.processes = directory, helpers, []
+        super().__init__(directory, cwd=helpers.REPO)
+        self.helpers = helpers
 
-    def start(self, name: str, args: list, **env):
-        stdout, stderr = self.directory / f"{name}.out", self.directory / f"{name}.err"
-        with open(stdout, "w") as out, open(stderr, "w") as err:
-            process = subprocess.Popen([*TORCHRUN, *args], cwd=self.helpers.REPO,
-                                       env=self.helpers.subprocess_env(**env), stdout=out, stderr=err)
-        process.name, process.stdout_path, process.stderr_path = name, stdout, stderr
-        self.processes.append(process)
-        return process
-
-    @staticmethod
-    def output(process) -> str:
-        return process.stdout_path.read_text() + process.stderr_path.read_text()
-
-    def wait_all(self, processes, timeout: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout
-        for process in processes:
-            try:
-                process.wait(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                raise AssertionError(f"{process.name} still running after {timeout:.0f} s:\n"
-                                     + "\n".join(self.output(p)[-3000:] for p in processes)) from None
-
-    def wait_for(self, predicate, processes, what: str, timeout: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return
-            for process in processes:
-                if process.poll() is not None:
-                    raise AssertionError(f"{process.name} exited ({process.returncode}) before {what}:\n"
-                                         + self.output(process)[-4000:])
-            time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}")
-
-    def close(self) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                workers = child_pids(process.pid)
-                process.kill()
-                process.wait(timeout=30)
-                for pid in workers:
-                    try:
-                        os.killpg(pid, signal.SIGKILL)   # each worker leads its own session
-                    except (ProcessLookupError, PermissionError):
-                        pass
+    def torchrun(self, name: str, args: list, **env):
+        return self.start(name, [*TORCHRUN, *args], env=self.helpers.subprocess_env(**env))
 
 
 def latest_step(out_dir: Path) -> int:
@@ -156,17 +77,6 @@ def assert_same_as_reference(out_dir: Path, reference, helpers) -> None:
 
 # ---- tests ----------------------------------------------------------------------------------------
 
-def multinode_c10d_args(port: int, config: Path) -> list:
-    """One node's command line; the host running the rendezvous store would be node0's address."""
-    return ["--nnodes=2", "--nproc_per_node=1", "--rdzv_id=lunaris-test", "--rdzv_backend=c10d",
-            f"--rdzv_endpoint=127.0.0.1:{port}", "-m", "lunaris", "train", str(config)]
-
-
-def multinode_static_args(port: int, node_rank: int, config: Path) -> list:
-    return ["--nnodes=2", "--nproc_per_node=1", f"--node_rank={node_rank}", "--master_addr=127.0.0.1",
-            f"--master_port={port}", "-m", "lunaris", "train", str(config)]
-
-
 def test_two_nodes_sigterm_on_one_node_then_resume_on_both_exactly(tmp_path, token_data, helpers, reference):
     out = tmp_path / "shared" / "run"      # the filesystem both nodes see
     config = helpers.write_yaml(helpers.make_config(token_data, out, **run_keys()), tmp_path / "run.yaml")
@@ -174,9 +84,9 @@ def test_two_nodes_sigterm_on_one_node_then_resume_on_both_exactly(tmp_path, tok
     try:
         # 1. two nodes, c10d rendezvous (ranks are given in the order the nodes join)
         port = free_port()
-        nodes = [launches.start(f"node{i}", multinode_c10d_args(port, config), LUNARIS_TEST_PAUSE_IN_SAVE="4:3")
+        nodes = [launches.torchrun(f"node{i}", multinode_c10d_args(port, config), LUNARIS_TEST_PAUSE_IN_SAVE="4:3")
                  for i in range(2)]
-        launches.wait_for(lambda: list(out.glob(".ckpt_4.pt.tmp-*")), nodes, "the step-4 save")
+        launches.wait_for(lambda: list(out.glob(".ckpt_4.pt.tmp-*")), "the step-4 save", nodes)
         workers = worker_ranks(nodes[1].pid)
         assert len(workers) == 1, workers
         os.kill(next(iter(workers.values())), signal.SIGTERM)    # the training process of the second node
@@ -190,7 +100,7 @@ def test_two_nodes_sigterm_on_one_node_then_resume_on_both_exactly(tmp_path, tok
 
         # 2. both nodes again, static rendezvous: node_rank 0 now holds rank 0
         port = free_port()
-        nodes = [launches.start(f"resume{i}", multinode_static_args(port, i, config)) for i in range(2)]
+        nodes = [launches.torchrun(f"resume{i}", multinode_static_args(port, i, config)) for i in range(2)]
         launches.wait_all(nodes)
         output = "".join(launches.output(n) for n in nodes)
         assert [n.returncode for n in nodes] == [0, 0], output[-6000:]
@@ -205,11 +115,11 @@ def test_elastic_restart_after_sigkill_resumes_exactly(tmp_path, token_data, hel
     config = helpers.write_yaml(helpers.make_config(token_data, out, **run_keys()), tmp_path / "run.yaml")
     launches = Launches(tmp_path, helpers)
     try:
-        agent = launches.start("elastic", ["--standalone", "--nproc_per_node=2", "--max-restarts=1",
+        agent = launches.torchrun("elastic", ["--standalone", "--nproc_per_node=2", "--max-restarts=1",
                                            "-m", "lunaris", "train", str(config)],
                                LUNARIS_TEST_PAUSE_IN_SAVE="6:3", **ELASTIC_ENV)
         # rank 0 writes ckpt_6 (held 3 s before its rename) while rank 1 waits at the save's barrier
-        launches.wait_for(lambda: list(out.glob(".ckpt_6.pt.tmp-*")), [agent], "the step-6 save")
+        launches.wait_for(lambda: list(out.glob(".ckpt_6.pt.tmp-*")), "the step-6 save", [agent])
         assert (out / "ckpt_4.pt").exists()
         workers = worker_ranks(agent.pid)
         assert sorted(workers) == [0, 1], workers

@@ -79,12 +79,13 @@ def test_fsdp_two_processes_train_save_and_resume(tmp_path, train_config, helper
 
 
 def test_train_moc_entry_point_is_train_py(tmp_path, train_config, helpers):
-    import subprocess
     import sys
+
+    import processes
     config = helpers.write_yaml(train_config(tmp_path / "run", model={"n_experts": 4, "top_k": 2}, max_steps=2),
                                 tmp_path / "moc.yaml")
-    done = subprocess.run([sys.executable, "train_moc.py", str(config)], cwd=helpers.REPO, capture_output=True,
-                          text=True, env=helpers.subprocess_env(), timeout=240, check=False)
+    done = processes.run([sys.executable, "train_moc.py", str(config)], 240, cwd=helpers.REPO,
+                         env=helpers.subprocess_env())
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "finished 2 steps" in done.stdout
     assert [r["step"] for r in helpers.read_metrics(tmp_path / "run")] == [1, 2]

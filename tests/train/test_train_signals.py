@@ -5,30 +5,17 @@ losses must equal an uninterrupted run's exactly (dropout on, data loader worker
 """
 
 import signal
-import subprocess
 import sys
 import time
 
 import pytest
 import torch
+from processes import Processes, kill_tree
 
 from lunaris.train import train
 
 pytestmark = pytest.mark.slow
 FINAL_STEP = 16
-
-
-def wait_for(predicate, process, timeout=120.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        if process.poll() is not None:
-            out, err = process.communicate()
-            raise AssertionError(f"process exited ({process.returncode}) before {what}:\n{out[-2000:]}\n{err[-3000:]}")
-        time.sleep(0.05)
-    process.kill()
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def latest_step(out_dir) -> int:
@@ -42,48 +29,16 @@ def test_kill_during_save_double_ctrl_c_and_sigterm_all_resume_exactly(tmp_path,
                 keep_last=0, max_steps=400, num_workers=1, persistent_workers=True)
     config = helpers.write_yaml(train_config(out, **keys), tmp_path / "run.yaml")
     command = [sys.executable, "-m", "lunaris", "train", str(config)]
+    runs = Processes(tmp_path)
 
-    def start(pause=None, extra=()):
+    def start(name, pause=None, extra=()):
         env = helpers.subprocess_env(**({"LUNARIS_TEST_PAUSE_IN_SAVE": pause} if pause else {}))
-        return subprocess.Popen([*command, *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+        return runs.start(name, [*command, *extra], env=env)
 
-    # 1. SIGKILL while the step-4 checkpoint is written (temporary file complete, not yet renamed)
-    p = start(pause="4:120")
-    wait_for(lambda: list(out.glob(".ckpt_4.pt.tmp-*")), p, what="the step-4 temporary file")
-    p.kill()
-    p.wait(timeout=30)
-    assert not (out / "ckpt_4.pt").exists()
-    assert latest_step(out) == 2                                      # still loadable, weights_only
-
-    # 2. Ctrl-C during the step-6 save lets the save go on; a second Ctrl-C aborts
-    p = start(pause="6:120")
-    wait_for(lambda: list(out.glob(".ckpt_6.pt.tmp-*")), p, what="the step-6 temporary file")
-    p.send_signal(signal.SIGINT)
-    time.sleep(0.5)
-    assert p.poll() is None                                           # the first Ctrl-C does not abort
-    p.send_signal(signal.SIGINT)
-    stdout, stderr = p.communicate(timeout=60)
-    assert p.returncode == 130, stderr[-3000:]
-    assert "resuming from" in stdout and "at step 2" in stdout        # step 1 resumed from the survivor
-    assert not list(out.glob(".ckpt_6*")) and not (out / "ckpt_6.pt").exists()
-    assert latest_step(out) == 4
-
-    # 3. SIGTERM mid-run: finish the step, save, exit 0
-    p = start()
-    wait_for(lambda: max(helpers.losses_by_step(out), default=0) >= 7, p, what="step 7")
-    p.send_signal(signal.SIGTERM)
-    stdout, stderr = p.communicate(timeout=60)
-    assert p.returncode == 0, stderr[-3000:]
-    stopped = latest_step(out)
-    assert 7 <= stopped < FINAL_STEP and f"stopped at step {stopped}" in stdout
-    assert (out / f"ckpt_{stopped}.pt").exists()
-
-    # 4. a plain restart finishes the run
-    done = subprocess.run([*command, f"--max_steps={FINAL_STEP}"], env=helpers.subprocess_env(),
-                          capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert f"at step {stopped}" in done.stdout
+    try:
+        interrupt_three_ways(out, runs, start, helpers)
+    finally:
+        runs.close()
 
     # the interrupted run computed exactly what an uninterrupted one does
     reference = tmp_path / "reference"
@@ -97,3 +52,45 @@ def test_kill_during_save_double_ctrl_c_and_sigterm_all_resume_exactly(tmp_path,
     assert sorted(interrupted) == list(range(1, FINAL_STEP + 1))
     assert interrupted == uninterrupted
     helpers.assert_weights_close(helpers.final_weights(out), helpers.final_weights(reference))
+
+
+def interrupt_three_ways(out, runs, start, helpers) -> None:
+    """SIGKILL mid-save, a double Ctrl-C, SIGTERM, then a plain restart to the end."""
+    # 1. SIGKILL while the step-4 checkpoint is written (temporary file complete, not yet renamed)
+    p = start("kill", pause="4:120")
+    runs.wait_for(lambda: list(out.glob(".ckpt_4.pt.tmp-*")), "the step-4 temporary file", [p])
+    kill_tree(p.pid)
+    p.wait(timeout=30)
+    assert not (out / "ckpt_4.pt").exists()
+    assert latest_step(out) == 2                                      # still loadable, weights_only
+
+    # 2. Ctrl-C during the step-6 save lets the save go on; a second Ctrl-C aborts
+    p = start("ctrl-c", pause="6:120")
+    runs.wait_for(lambda: list(out.glob(".ckpt_6.pt.tmp-*")), "the step-6 temporary file", [p])
+    p.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    assert p.poll() is None                                           # the first Ctrl-C does not abort
+    p.send_signal(signal.SIGINT)
+    runs.wait_all([p], timeout=60)
+    stdout, stderr = runs.stdout(p), runs.stderr(p)
+    assert p.returncode == 130, stderr[-3000:]
+    assert "resuming from" in stdout and "at step 2" in stdout        # step 1 resumed from the survivor
+    assert not list(out.glob(".ckpt_6*")) and not (out / "ckpt_6.pt").exists()
+    assert latest_step(out) == 4
+
+    # 3. SIGTERM mid-run: finish the step, save, exit 0
+    p = start("sigterm")
+    runs.wait_for(lambda: max(helpers.losses_by_step(out), default=0) >= 7, "step 7", [p])
+    p.send_signal(signal.SIGTERM)
+    runs.wait_all([p], timeout=60)
+    stdout, stderr = runs.stdout(p), runs.stderr(p)
+    assert p.returncode == 0, stderr[-3000:]
+    stopped = latest_step(out)
+    assert 7 <= stopped < FINAL_STEP and f"stopped at step {stopped}" in stdout
+    assert (out / f"ckpt_{stopped}.pt").exists()
+
+    # 4. a plain restart finishes the run
+    p = start("finish", extra=[f"--max_steps={FINAL_STEP}"])
+    runs.wait_all([p], timeout=120)
+    assert p.returncode == 0, runs.stderr(p)[-3000:]
+    assert f"at step {stopped}" in runs.stdout(p)
