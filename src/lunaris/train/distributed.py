@@ -104,18 +104,20 @@ def release_ddp(ddp) -> None:
         ddp.reducer = None
 
 
-def teardown_distributed(clean_exit: bool = False, rank: int = 0) -> None:
-    """Leave the process group; never waits longer than END_BARRIER_SECONDS.
+def teardown_distributed(clean_exit: bool = False, rank: int = 0, ddp=None, group=None) -> None:
+    """Leave the process group (`group`, default the whole run's); never waits longer than END_BARRIER_SECONDS.
 
-    After a clean run every rank first meets at a barrier: gloo aborts a process ("terminate called without an
-    active exception") whose peer tears its connections down while it is still destroying its own. Not after an
-    error, where a peer may never arrive. A barrier that times out raises PeerLostError and leaves the group as it
-    is: destroying it would wait for the stuck barrier (the CLI then exits at once, see trainer.run_cli).
+    `ddp`, the run's DDP wrapper if any, gives up its reducer first (release_ddp). After a clean run every rank
+    meets at a barrier: gloo aborts a process ("terminate called without an active exception") whose peer tears its
+    connections down while it is still destroying its own. Not after an error, where a peer may never arrive. A
+    barrier that times out raises PeerLostError and leaves the group as it is: destroying it would wait for the stuck
+    barrier (the CLI then exits at once, see trainer.run_cli).
     """
+    release_ddp(ddp)
     if not dist.is_initialized():
         return
     if clean_exit:
-        work = dist.barrier(async_op=True)
+        work = dist.barrier(group=group, async_op=True)
         try:
             work.wait(timeout=timedelta(seconds=END_BARRIER_SECONDS))
         except RuntimeError as exc:  # a timeout, or a peer that already closed its connections
@@ -123,7 +125,7 @@ def teardown_distributed(clean_exit: bool = False, rank: int = 0) -> None:
                                 f"{END_BARRIER_SECONDS:.0f} s ({(str(exc).splitlines() or [''])[0][:160]}); a node "
                                 f"died or hangs. This process exits without waiting for it; the checkpoints "
                                 f"written so far are complete.") from None
-    dist.destroy_process_group()
+    dist.destroy_process_group(group)
 
 
 # ---- small collectives (no-ops in a single process) ------------------------------------------------

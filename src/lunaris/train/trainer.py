@@ -43,7 +43,6 @@ from lunaris.train.distributed import (
     params_without_grad,
     peer_lost,
     raise_together,
-    release_ddp,
     setup_distributed,
     teardown_distributed,
     wrap_ddp,
@@ -405,9 +404,8 @@ class Trainer:
         """Leave the process group first (every rank is in step right after the run's last collective, the final
         save), then release what is local: W&B's upload, say, may take a while and needs no peer."""
         self.signals.restore()
-        release_ddp(getattr(self, "ddp", None))
         try:
-            teardown_distributed(clean_exit, self.info.rank)
+            teardown_distributed(clean_exit, self.info.rank, ddp=getattr(self, "ddp", None))
         finally:
             if self.logger is not None:
                 self.logger.close()
