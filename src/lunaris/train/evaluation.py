@@ -83,7 +83,7 @@ class TaskEvaluator:
         if not config.eval_tasks:
             return None
         from lunaris.data import tokenizer_path
-        from lunaris.generate import end_of_text_id, load_tokenizer
+        from lunaris.data.tokenizer import end_of_text_id, load_tokenizer
         from lunaris.tasks import encode_task, load_task, parse_specs
         from lunaris.tasks.scoring import token_encoder
         path = tokenizer_path(config.data_dir) or Path(out_dir) / "tokenizer.json"
