@@ -40,6 +40,30 @@ def test_from_checkpoint_loads_config_and_weights_from_a_file_or_a_run_directory
         torch.testing.assert_close(loaded(idx).logits, model(idx).logits, rtol=0, atol=0)
 
 
+def test_the_classmethod_and_the_old_import_paths_load_the_same_model(tmp_path):
+    import lunaris.checkpoints
+    import lunaris.data.tokenizer
+    import lunaris.generate
+    import lunaris.train
+    import lunaris.train.checkpoint
+    model = LunarisCodex(tiny_model_config(vocab_size=320)).eval()
+    save_run(tmp_path / "run", model)
+    loaded = LunarisCodex.from_checkpoint(tmp_path / "run", device="cpu")
+    assert isinstance(loaded, LunarisCodex) and not loaded.training and loaded.config == model.config
+    idx = torch.randint(0, 320, (1, 8))
+    torch.testing.assert_close(loaded(idx).logits, model(idx).logits, rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        LunarisCodex.from_checkpoint(tmp_path / "nope.pt")
+    # names that moved stay importable where they were
+    assert lunaris.train.checkpoint.model_from_checkpoint is model_from_checkpoint
+    for name in ("load_checkpoint_file", "resolve_checkpoint_path", "find_latest", "checkpoint_step", "LATEST_FILE",
+                 "TRAINER_STATE", "clean_state_dict", "numbered_checkpoints"):
+        assert getattr(lunaris.train.checkpoint, name) is getattr(lunaris.checkpoints, name)
+    assert lunaris.train.load_checkpoint_file is lunaris.checkpoints.load_checkpoint_file
+    for name in ("load_tokenizer", "find_tokenizer", "end_of_text_id", "StreamingDecoder"):
+        assert getattr(lunaris.generate, name) is getattr(lunaris.data.tokenizer, name)
+
+
 def test_from_checkpoint_of_a_missing_path_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         model_from_checkpoint(tmp_path / "nope.pt")

@@ -14,7 +14,17 @@ from conftest import byte_level_tokenizer, tiny_model_config
 from lunaris import LunarisCodex, TrainConfig
 from lunaris.cli import main
 from lunaris.errors import LunarisError
-from lunaris.tasks import Example, Task, encode_pair, evaluate_tasks, load_task, parse_spec, parse_specs, score
+from lunaris.tasks import (
+    Example,
+    Layout,
+    Task,
+    encode_pair,
+    evaluate_tasks,
+    load_task,
+    parse_spec,
+    parse_specs,
+    score,
+)
 from lunaris.tasks.embedded import HELD_OUT_GLOBS, embedded_task
 from lunaris.tasks.scoring import encode_task, token_encoder
 
@@ -213,6 +223,40 @@ def test_eval_tasks_config_problems_are_reported_with_the_others():
     assert [(s.name, s.path, s.limit) for s in specs] == [("python_next_line", "embedded", None),
                                                           ("hellaswag_val", "data/hellaswag_val.jsonl", 1000)]
     assert load_config(None, ["--eval_tasks=embedded,hs=h.jsonl"]).eval_tasks == ["embedded,hs=h.jsonl"]
+
+
+def test_a_new_layout_is_one_registry_entry(tmp_path, monkeypatch):
+    from lunaris.tasks import formats
+    from lunaris.tasks.types import CLOZE
+    quiz = Layout("Quiz", "q, opts, ok", lambda keys: {"q", "opts", "ok"} <= keys,
+                  lambda row: Example(f"Q: {row['q']}\nA:", tuple(row["opts"]), row["opts"].index(row["ok"])))
+    monkeypatch.setitem(formats.LAYOUTS, "quiz", quiz)
+    path = write_jsonl(tmp_path / "quiz.jsonl", [{"q": "2+2", "opts": ["4", "5"], "ok": "4"},
+                                                 {"q": "1+2", "opts": ["4", "3"], "ok": "3"}])
+    task = load_task(parse_spec(f"q={path}"))                              # detected from the fields
+    assert task.kind == "multiple_choice" and [e.label for e in task.examples] == [0, 1]
+    assert task.examples[0] == Example("Q: 2+2\nA:", ("4", "5"), 0)
+    (tmp_path / "q.yaml").write_text(f"path: {path.name}\nlayout: quiz\n")  # and named by a task YAML
+    assert load_task(parse_spec(str(tmp_path / "q.yaml"))).examples == task.examples
+    with pytest.raises(LunarisError, match=r"Quiz \(q, opts, ok\)"):      # the error lists it with the others
+        load_task(parse_spec(str(write_jsonl(tmp_path / "odd.jsonl", [{"prompt": "a"}]))))
+    # a cloze layout says so, and the first matching entry wins
+    monkeypatch.setitem(formats.LAYOUTS, "quiz", dataclasses.replace(quiz, kind=CLOZE))
+    assert load_task(parse_spec(f"q={path}")).kind == CLOZE
+    assert formats.detect_layout({"context": "", "choices": [], "label": 0, "q": 1, "opts": 1, "ok": 1}) == "simple"
+
+
+def test_the_built_in_task_is_addressed_by_name_and_embedded_is_an_alias(monkeypatch):
+    from lunaris.tasks import formats
+    built = Task("python_next_line", "multiple_choice", [Example("a", ("b", "c"), 0)] * 3, "python_next_line")
+    monkeypatch.setitem(formats.BUILTIN_TASKS, "python_next_line", lambda: dataclasses.replace(built))
+    for entry in ("python_next_line", "embedded", {"name": "python_next_line"}, {"path": "python_next_line"},
+                  "pnl=python_next_line", {"name": "pnl", "path": "embedded", "limit": 2}):
+        spec = parse_spec(entry)
+        task = load_task(spec)
+        assert task.examples[0] == Example("a", ("b", "c"), 0) and task.name == spec.name, entry
+    assert load_task(parse_spec({"name": "pnl", "path": "embedded", "limit": 2})).examples_total == 3
+    assert len(load_task(parse_spec({"name": "pnl", "path": "embedded", "limit": 2})).examples) == 2
 
 
 # ---- the embedded task ----------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""`lunaris analyze CKPT`: what the iterative reasoning (IRL) steps of a trained model do on held-out data.
+"""`lunaris analyze --checkpoint CKPT`: what the iterative reasoning (IRL) steps of a trained model do on held-out data.
 
 Two measurements, on the batches `lunaris eval` reads (the same loader, the same loss):
 - per layer and reasoning step t, the mean relative update norm |h_t - h_{t-1}| / |x| (and the cosine between
@@ -9,7 +9,6 @@ Two measurements, on the batches `lunaris eval` reads (the same loader, the same
 """
 
 import math
-import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,11 +17,9 @@ import torch
 from lunaris.errors import LunarisError
 from lunaris.evaluate import evaluate, load_held_out
 from lunaris.fileio import atomic_write_json
+from lunaris.metrics import IRL_UPDATE_COSINE, IRL_UPDATE_NORM, match, template_of
 from lunaris.model.layers import IRLProbe, ReasoningFeedForward
 from lunaris.model.moc import MoCLayer
-
-_NORM = re.compile(r"^irl/update_norm_step(\d+)$")
-_COSINE = re.compile(r"^irl/step(\d+)_update_cosine$")
 
 
 def irl_layers(model) -> list:
@@ -54,14 +51,14 @@ def reasoning_steps(layers: list, steps: int):
 
 @contextmanager
 def recorded_irl_stats(layers: list):
-    """{layer index: {metric: [() tensor per forward]}}: the `irl/` statistics every block FFN returns."""
+    """{layer index: {metric: [() tensor per forward]}}: the IRL update norms and cosines every block FFN returns."""
     recorded = {index: {} for index, _, _, _ in layers}
     handles = []
 
     def hook_for(index):
         def hook(module, inputs, output):
             for key, value in output[2].items():
-                if key.startswith("irl/"):
+                if template_of(key, (IRL_UPDATE_NORM, IRL_UPDATE_COSINE)) is not None:
                     recorded[index].setdefault(key, []).append(value.detach().float())
         return hook
 
@@ -74,13 +71,14 @@ def recorded_irl_stats(layers: list):
             handle.remove()
 
 
-def _by_step(metrics: dict, pattern, steps: int) -> list:
-    """[mean value of step 1, ..., step S] (None where a step has no value) from {metric: [tensors]}."""
+def _by_step(metrics: dict, template: str, steps: int) -> list:
+    """[mean value of step 1, ..., step S] (None where a step has no value) from {metric: [tensors]}, for the
+    metrics named by `template` (lunaris.metrics, a name with {step})."""
     values = [None] * steps
     for key, tensors in metrics.items():
-        match = pattern.match(key)
-        if match and 1 <= int(match.group(1)) <= steps:
-            values[int(match.group(1)) - 1] = torch.stack(tensors).mean().item()
+        numbers = match(template, key)
+        if numbers is not None and 1 <= numbers["step"] <= steps:
+            values[numbers["step"] - 1] = torch.stack(tensors).mean().item()
     return values
 
 
@@ -98,8 +96,8 @@ def analyze(model, dataset, batch_size: int, max_batches: int = None) -> dict:
     if steps > 1:
         for index, kind, _, module in layers:
             per_layer.append({"layer": index, "kind": kind, "steps": module.steps,
-                              "update_norm": _by_step(recorded[index], _NORM, module.steps),
-                              "update_cosine": _by_step(recorded[index], _COSINE, module.steps)})
+                              "update_norm": _by_step(recorded[index], IRL_UPDATE_NORM, module.steps),
+                              "update_cosine": _by_step(recorded[index], IRL_UPDATE_COSINE, module.steps)})
     return {
         "reasoning_steps": steps,
         "layers": per_layer,

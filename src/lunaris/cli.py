@@ -1,14 +1,59 @@
 """`lunaris <command>`: argument parsing only; each command's logic lives in its module.
 
 A user error (`LunarisError`: bad config, missing file, corrupt data) is printed as one paragraph
-without a traceback and the command exits with status 2.
+without a traceback and the command exits with status 2. An argument error is reported by the command's own
+parser, with the command's usage line. Each command's module is imported only when the command runs, so
+`lunaris --help` and `lunaris COMMAND --help` start in a fraction of a second (no torch).
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
+from lunaris import __version__
 from lunaris.errors import LunarisError, exit_status
+
+
+class CommandParser(argparse.ArgumentParser):
+    """The parser of one command (`lunaris COMMAND ...`).
+
+    It reports every argument error itself, under its own usage line: an unknown option is an error here unless the
+    command takes `--key=value` config overrides (the default `accepts_overrides=True`), which are then handed to the
+    command. `add_later(parser)` adds options that are defined in the command's module (`lunaris bench`) when the
+    command is parsed or its help printed, so building the whole CLI imports no command module. `checks` run on the
+    parsed arguments and return an error message (or None).
+    """
+
+    def __init__(self, *args, add_later=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_later = add_later
+        self.checks = []
+
+    def _complete(self) -> None:
+        if self.add_later is not None:
+            add, self.add_later = self.add_later, None
+            add(self)
+
+    def format_help(self) -> str:
+        self._complete()
+        return super().format_help()
+
+    def format_usage(self) -> str:
+        self._complete()
+        return super().format_usage()
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._complete()
+        namespace, extra = super().parse_known_args(args, namespace)
+        if extra and not self.get_default("accepts_overrides"):
+            self.error(f"unrecognized arguments: {' '.join(extra)}")
+        for check in self.checks:
+            problem = check(namespace)
+            if problem:
+                self.error(problem)
+        return namespace, extra
+
 
 # ---- lunaris config -----------------------------------------------------------------------------
 
@@ -37,14 +82,18 @@ def cmd_config(args, overrides):
 def add_plot_parser(sub):
     p = sub.add_parser("plot", help="plot loss, lr, grad norm, throughput (and MoC expert utilization) of a run",
                        description="Read RUN_DIR/metrics.jsonl and write a PNG of the training curves.")
-    p.add_argument("run_dir", help="the out_dir of a training run (or its metrics.jsonl)")
+    _add_model_source(p, positional="RUN_DIR", what="the out_dir of a training run, a checkpoint in it, or its "
+                                                    "metrics.jsonl")
     p.add_argument("--out", help="output PNG (default RUN_DIR/training.png)")
     p.set_defaults(func=cmd_plot)
 
 
 def cmd_plot(args, overrides):
+    from lunaris.checkpoints import run_directory
     from lunaris.plot import plot_run
-    print(f"wrote {plot_run(args.run_dir, args.out)}")
+    path = Path(args.checkpoint)
+    run_dir = path if path.suffix == ".jsonl" or not path.exists() else run_directory(path)
+    print(f"wrote {plot_run(run_dir, args.out)}")
     return 0
 
 
@@ -137,9 +186,28 @@ def cmd_train(args, overrides):
 
 # ---- lunaris generate / eval / export -------------------------------------------------------------
 
-def _add_model_source(p):
-    p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="checkpoint file (ckpt_<step>.pt, latest_checkpoint.pt) or run directory (its newest)")
+CHECKPOINT_HELP = "checkpoint file (ckpt_<step>.pt, latest_checkpoint.pt) or run directory (its newest)"
+
+
+def _add_model_source(p, positional: str = None, what: str = CHECKPOINT_HELP):
+    """--checkpoint PATH, which every command that reads a run takes; with `positional` (the older form of analyze
+    and plot), the path may be given as a positional argument instead."""
+    if positional is None:
+        p.add_argument("--checkpoint", required=True, metavar="PATH", help=what)
+        return
+    p.add_argument("path", nargs="?", metavar=positional, help=f"{what} (the same as --checkpoint)")
+    p.add_argument("--checkpoint", metavar="PATH", help=what)
+    p.checks.append(lambda args: _one_model_source(args, positional))
+
+
+def _one_model_source(args, positional: str):
+    """Puts the positional path into args.checkpoint; a message if neither or two different paths were given."""
+    if args.path is not None and args.checkpoint is not None and args.path != args.checkpoint:
+        return f"{positional} {args.path} and --checkpoint {args.checkpoint} differ; give the path once."
+    args.checkpoint = args.checkpoint if args.checkpoint is not None else args.path
+    if args.checkpoint is None:
+        return f"the following arguments are required: --checkpoint PATH (or {positional})"
+    return None
 
 
 def _add_held_out_args(p):
@@ -206,8 +274,9 @@ def add_eval_parser(sub):
     p.add_argument("--max-batches", type=int, help="evaluate only the first N batches (default: all)")
     p.add_argument("--json", metavar="FILE", help="also write the result to FILE")
     p.add_argument("--tasks", nargs="+", metavar="TASK",
-                   help="score these tasks: `embedded` (python_next_line, built from the standard library), "
-                        "NAME=FILE.jsonl (the simple, HellaSwag, ARC, PIQA or LAMBADA layout) or a task YAML")
+                   help="score these tasks: python_next_line (built into Lunaris from the standard library; "
+                        "`embedded` names it too), NAME=FILE.jsonl (the simple, HellaSwag, ARC, PIQA or LAMBADA "
+                        "layout) or a task YAML")
     p.add_argument("--limit", type=int, help="with --tasks: the first N examples of each task (default: all)")
     p.add_argument("--tokenizer", metavar="FILE", help="with --tasks: tokenizer.json to use instead of the run "
                                                        "directory's")
@@ -216,14 +285,12 @@ def add_eval_parser(sub):
 
 
 def cmd_eval(args, overrides):
-    import json
-
     from lunaris.evaluate import run_eval, run_task_eval
+    from lunaris.tasks import format_table
     if args.tasks:
         if args.data is not None or args.max_batches is not None:
             raise LunarisError("--tasks scores tasks, not the loss: leave out --data and --max-batches (or run "
                                "lunaris eval twice).")
-        from lunaris.tasks import format_table
         result = run_task_eval(args.checkpoint, args.tasks, limit=args.limit, batch_size=args.batch_size,
                                device=args.device, dtype=args.dtype, threads=args.threads, tokenizer=args.tokenizer,
                                json_path=args.json)
@@ -244,8 +311,7 @@ def add_analyze_parser(sub):
                                    "IRL step the mean relative update norm |h_t - h_t-1| / |x| (and the cosine of "
                                    "successive updates), and the validation loss if every IRL FFN stopped after s "
                                    "steps, s = 1..S, on the batches `lunaris eval` reads (s = S is its loss).")
-    p.add_argument("checkpoint", metavar="CKPT",
-                   help="checkpoint file (ckpt_<step>.pt, latest_checkpoint.pt) or run directory (its newest)")
+    _add_model_source(p, positional="CKPT")
     _add_held_out_args(p)
     p.add_argument("--batches", type=int, default=20, help="held-out batches to evaluate (default 20)")
     p.add_argument("--json", metavar="FILE", help="also write the numbers to FILE")
@@ -314,16 +380,20 @@ def cmd_selftest(args, overrides):
 # ---- lunaris bench --------------------------------------------------------------------------------
 
 def add_bench_parser(sub):
-    from lunaris.bench import add_arguments
     p = sub.add_parser(
         "bench", help="training-step speed and MFU against transformers' Llama, MoC vs dense, memory",
         description="Time training steps (forward, backward, AdamW) of Lunaris (eager and compiled) and "
                     "transformers' LlamaForCausalLM at identical shapes, in turns on this machine; report tokens/s, "
                     "ratios, MFU against the measured matmul rate (and the GPU's datasheet peak), MoC top-2/8 "
                     "against the dense model of equal active parameters, peak memory of each configuration, and "
-                    "the figures of the bench/ scripts of a source checkout. Prints a markdown table.")
-    add_arguments(p)  # every option and default is lunaris.bench's (BenchSettings)
+                    "the figures of the bench/ scripts of a source checkout. Prints a markdown table.",
+        add_later=_bench_arguments)
     p.set_defaults(func=cmd_bench)
+
+
+def _bench_arguments(p):
+    from lunaris.bench import add_arguments  # it imports torch: only once `lunaris bench` is parsed
+    add_arguments(p)  # every option and default is lunaris.bench's (BenchSettings)
 
 
 def cmd_bench(args, overrides):
@@ -393,12 +463,11 @@ PARSERS = [add_demo_parser, add_prepare_parser, add_train_parser, add_eval_parse
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lunaris import __version__
     parser = argparse.ArgumentParser(
         prog="lunaris",
         description="Pre-train dense and MoC language models: prepare, train, evaluate, generate, export.")
     parser.add_argument("--version", action="version", version=f"lunaris {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
     for add in PARSERS:
         add(sub)
     return parser
@@ -406,13 +475,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    # a command's own parser reports its argument errors; what it leaves over are the config overrides of the
+    # commands that take them (config, train, sweep)
+    args, overrides = parser.parse_known_args(argv)
     if args.command is None:  # like any missing argument: usage on stderr, exit status 2
         parser.print_help(sys.stderr)
         return 2
-    if extra and not getattr(args, "accepts_overrides", False):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return exit_status(lambda: args.func(args, extra))
+    if overrides and not getattr(args, "accepts_overrides", False):  # unknown options before the command
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+    return exit_status(lambda: args.func(args, overrides))
 
 
 if __name__ == "__main__":

@@ -14,17 +14,19 @@ import math
 import time
 from pathlib import Path
 
-import torch
-
+from lunaris.checkpoints import read_trainer_state, resolve_checkpoint_path
+from lunaris.data import ShardDataset, check_vocab, resolve_data_dirs, sequential_batches, split_info
+from lunaris.data.tokenizer import end_of_text_id, find_tokenizer, load_tokenizer
 from lunaris.errors import DataError, LunarisError
 from lunaris.fileio import atomic_write_json
-from lunaris.train.checkpoint import TRAINER_STATE, resolve_checkpoint_path
+from lunaris.generate import load_model
+from lunaris.tasks import encode_task, evaluate_tasks, load_task, parse_specs
+from lunaris.tasks.scoring import token_encoder
 from lunaris.train.evaluation import held_out_sums, loss_and_perplexity
 
 
 def evaluate(model, dataset, batch_size: int, max_batches: int = None, bytes_per_token: float = None) -> dict:
     """Token-weighted mean loss over the first `max_batches` batches (all if None) of a ShardDataset."""
-    from lunaris.data import sequential_batches
     device = model.wte.weight.device
     batches = sequential_batches(dataset, batch_size, max_batches=max_batches)
     nats, tokens, count = held_out_sums(model, batches, device).tolist()  # the model is already in its dtype
@@ -45,7 +47,6 @@ def held_out_dir(data, run_config: dict) -> Path:
 
     --data may be a prepared directory (its val/ split), one of its splits, or a flat directory of shards.
     """
-    from lunaris.data import resolve_data_dirs
     if data is not None:
         _, val_dir = resolve_data_dirs(data)
         if val_dir is None:
@@ -69,7 +70,6 @@ def held_out_dir(data, run_config: dict) -> Path:
 
 def bytes_per_token(data_dir) -> float:
     """Average UTF-8 bytes per token of a prepared split (None for a flat directory without manifest)."""
-    from lunaris.data import split_info
     info = split_info(data_dir)
     if not info or not info.get("bytes") or not info.get("tokens"):
         return None
@@ -79,8 +79,7 @@ def bytes_per_token(data_dir) -> float:
 def checkpoint_metadata(path) -> dict:
     """The run config and step saved in a checkpoint, read without loading its tensors (memory-mapped)."""
     path = resolve_checkpoint_path(path)
-    state = torch.load(path / TRAINER_STATE if path.is_dir() else path, map_location="cpu", weights_only=True,
-                       mmap=True)
+    state = read_trainer_state(path)
     return {"path": str(path), "config": state.get("config", {}), "step": state.get("step")}
 
 
@@ -88,8 +87,6 @@ def load_held_out(checkpoint, data=None, batch_size: int = None, device: str = "
                   threads: int = None) -> tuple:
     """(model, checkpoint metadata, data directory, ShardDataset, batch size): what `lunaris eval` (and
     `lunaris analyze`) evaluate; batch_size None means the run's."""
-    from lunaris.data import ShardDataset, check_vocab
-    from lunaris.generate import load_model
     if batch_size is not None and batch_size < 1:
         raise LunarisError(f"--batch-size must be a positive integer, got {batch_size}.")
     model = load_model(checkpoint, device, dtype, threads)
@@ -121,9 +118,6 @@ def run_task_eval(checkpoint, tasks, limit: int = None, batch_size: int = None, 
                   dtype: str = "auto", threads: int = None, tokenizer=None, json_path=None) -> dict:
     """Score a checkpoint on downstream tasks (`--tasks` entries, see lunaris.tasks); returns (and optionally
     writes to `json_path`) {"checkpoint", "step", "tasks": {name: result}, "seconds", ...}."""
-    from lunaris.generate import end_of_text_id, find_tokenizer, load_model, load_tokenizer
-    from lunaris.tasks import encode_task, evaluate_tasks, load_task, parse_specs
-    from lunaris.tasks.scoring import token_encoder
     if limit is not None and limit < 1:
         raise LunarisError(f"--limit must be a positive integer, got {limit}.")
     if batch_size is not None and batch_size < 1:

@@ -1,9 +1,10 @@
 """`lunaris generate`: stream a model's continuation to the terminal, or continue a file of prompts in batches.
 
 The decoding loop itself (KV-cache prefill, then one-token steps, compiled on request) is
-`LunarisCodex.generate_stream`, and what it samples with is `lunaris.model.sampling`; this module holds what the
-command adds around it: the checkpoint's tokenizer, device and precision, text that appears as it is produced,
-and for --prompt-file one JSON line per prompt.
+`LunarisCodex.generate_stream`, and what it samples with is `lunaris.model.sampling`; the tokenizer and the
+streaming decoder are `lunaris.data.tokenizer`. This module holds what the command adds around them: the model on
+its device and precision (`load_model`, also used by `lunaris eval` and the lm-eval model), text that appears as
+it is produced, and for --prompt-file one JSON line per prompt.
 """
 
 import json
@@ -14,86 +15,15 @@ from pathlib import Path
 
 import torch
 
+from lunaris.data.tokenizer import StreamingDecoder, end_of_text_id, find_tokenizer, load_tokenizer
 from lunaris.errors import LunarisError
+from lunaris.model import model_from_checkpoint
 from lunaris.model.sampling import check_prompt_length, check_sampling_args
 from lunaris.runtime import END_OF_TEXT, inference_threads, resolve_device, resolve_dtype, set_threads
-from lunaris.train.checkpoint import model_from_checkpoint
 
-# ---- tokenizer ---------------------------------------------------------------------------------------
-
-def find_tokenizer(checkpoint, override=None) -> Path:
-    """The tokenizer.json to use: `override`, else the one the trainer copied into the run directory."""
-    if override is not None:
-        path = Path(override)
-        if path.is_dir():
-            path = path / "tokenizer.json"
-        if not path.is_file():
-            raise LunarisError(f"tokenizer file {path} does not exist; pass the tokenizer.json that `lunaris prepare` "
-                               f"wrote into the data directory.")
-        return path
-    checkpoint = Path(checkpoint)
-    is_run_dir = checkpoint.is_dir() and not (checkpoint / ".metadata").is_file()  # not an FSDP checkpoint dir
-    run_dir = checkpoint if is_run_dir else checkpoint.parent
-    path = run_dir / "tokenizer.json"
-    if not path.is_file():
-        raise LunarisError(f"no tokenizer.json next to the checkpoint (looked in {run_dir}); pass --tokenizer FILE, "
-                           f"the tokenizer.json that `lunaris prepare` wrote into the data directory of this run.")
-    return path
-
-
-def load_tokenizer(path, vocab_size: int = None):
-    """A `tokenizers.Tokenizer` from tokenizer.json; checks that its ids fit a model with `vocab_size` rows."""
-    from tokenizers import Tokenizer
-    try:
-        tokenizer = Tokenizer.from_file(str(path))
-    except Exception as exc:
-        raise LunarisError(f"tokenizer {path} cannot be read ({exc}); pass a tokenizer.json written by the "
-                           f"Hugging Face `tokenizers` library (as `lunaris prepare` does).") from None
-    if vocab_size is not None and tokenizer.get_vocab_size() > vocab_size:
-        raise LunarisError(f"tokenizer {path} has {tokenizer.get_vocab_size()} tokens but the model only "
-                           f"{vocab_size} (model.vocab_size); it is not the tokenizer this model was trained with. "
-                           f"Pass the right one with --tokenizer.")
-    return tokenizer
-
-
-def end_of_text_id(tokenizer):
-    """The id of <|endoftext|> in the tokenizer, or None if it has no such token."""
-    return tokenizer.token_to_id(END_OF_TEXT)
-
-
-class StreamingDecoder:
-    """Turns token ids into text as they arrive.
-
-    A byte-level BPE token can be part of a multi-byte character, so text is released only once it decodes
-    without a trailing replacement character. A few earlier tokens are decoded along with the new ones
-    because some decoders render a token differently at the start of a text (leading spaces).
-    """
-
-    def __init__(self, tokenizer, prompt_ids=()):
-        self.tokenizer = tokenizer
-        self.ids = list(prompt_ids)
-        self.read_offset = len(self.ids)                  # ids[:read_offset] have been released as text
-        self.prefix_offset = max(0, self.read_offset - 5)  # context decoded with the new ids
-
-    def _new_text(self) -> tuple:
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
-        text = self.tokenizer.decode(self.ids[self.prefix_offset:], skip_special_tokens=True)
-        return prefix, text
-
-    def push(self, token_id: int) -> str:
-        """Add one token; return the text that became complete ('' while a character is unfinished)."""
-        self.ids.append(int(token_id))
-        prefix, text = self._new_text()
-        if len(text) > len(prefix) and not text.endswith("\ufffd"):
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            return text[len(prefix):]
-        return ""
-
-    def flush(self) -> str:
-        """Whatever is left at the end, incomplete characters included."""
-        prefix, text = self._new_text()
-        self.prefix_offset = self.read_offset = len(self.ids)
-        return text[len(prefix):]
+# The tokenizer functions live in lunaris.data.tokenizer; these names stay importable from here.
+__all__ = ["StreamingDecoder", "compile_note", "encode_prompt", "end_of_text_id", "find_tokenizer", "load_model",
+           "load_tokenizer", "read_prompts", "run_generate", "run_generate_batch"]
 
 
 # ---- the model ----------------------------------------------------------------------------------

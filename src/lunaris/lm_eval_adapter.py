@@ -21,7 +21,10 @@ import warnings
 
 import torch
 
+from lunaris.data.tokenizer import end_of_text_id, find_tokenizer, load_tokenizer
 from lunaris.errors import LunarisError
+from lunaris.generate import load_model
+from lunaris.tasks.scoring import score
 
 try:
     import lm_eval.models  # noqa: F401  lm-eval's own models first: its registry imports them only while empty
@@ -52,7 +55,6 @@ class LunarisLM(TemplateLM):
     def __init__(self, checkpoint=None, tokenizer=None, device=None, dtype: str = "auto", batch_size=None,
                  max_batch_size=None, max_gen_toks: int = 256, threads=None, **unused):
         super().__init__()
-        from lunaris.generate import end_of_text_id, find_tokenizer, load_model, load_tokenizer
         if not checkpoint:
             raise LunarisError("the lunaris model needs model_args checkpoint=PATH (a checkpoint file or run "
                                "directory).")
@@ -97,7 +99,6 @@ class LunarisLM(TemplateLM):
 
     # ---- scoring ----
     def _scores(self, pairs: list) -> list:
-        from lunaris.tasks.scoring import score
         logliks, greedy = score(self.model, pairs, self.batch_size).cpu().tolist()
         return [(float(ll), g > 0.5) for ll, g in zip(logliks, greedy)]
 

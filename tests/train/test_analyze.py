@@ -22,7 +22,8 @@ def irl_run(tmp_path_factory, token_data, helpers):
 
 def test_analyze_prints_the_tables_and_its_full_depth_loss_is_evals(irl_run, token_data, tmp_path, capsys):
     batches = ["--batch-size", "2", "--data", str(token_data.val)]
-    assert main(["analyze", str(irl_run), "--batches", "3", "--json", str(tmp_path / "a.json"), *batches]) == 0
+    assert main(["analyze", "--checkpoint", str(irl_run), "--batches", "3", "--json", str(tmp_path / "a.json"),
+                 *batches]) == 0
     out = capsys.readouterr().out
     result = json.loads((tmp_path / "a.json").read_text())
     assert main(["eval", "--checkpoint", str(irl_run), "--max-batches", "3", *batches]) == 0
@@ -55,6 +56,7 @@ def test_the_steps_override_is_undone(irl_run):
 
 def test_a_one_step_model_has_nothing_to_analyze_but_gets_its_loss(tmp_path, token_data, helpers, capsys):
     train(helpers.make_config(token_data, tmp_path / "run", max_steps=1))
+    # the checkpoint as a positional argument: the older form
     assert main(["analyze", str(tmp_path / "run"), "--data", str(token_data.val), "--batches", "1"]) == 0
     out = capsys.readouterr().out
     assert "nothing to analyze" in out and "n_reasoning_steps 1" in out

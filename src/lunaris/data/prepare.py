@@ -188,7 +188,8 @@ def prepare(options: PrepareOptions, args_for_manifest: dict | None = None) -> d
     out = options.out.resolve()
     with staging_dir(out) as stage:
         if options.tokenizer is not None:
-            tokenizer, eot_id = load_tokenizer(Path(options.tokenizer), options.eot_token)
+            tokenizer = load_tokenizer(options.tokenizer, eot_token=options.eot_token)
+            eot_id = tokenizer.token_to_id(options.eot_token)
         else:
             sample = tokenizer_sample(sources, options.weights is not None, options.tokenizer_sample_bytes)
             tokenizer, eot_id = train_tokenizer((t for batch in sample for t in batch), options.vocab_size), 0

@@ -19,7 +19,9 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
+from lunaris.data.tokenizer import end_of_text_id, find_tokenizer, load_tokenizer
 from lunaris.errors import LunarisError
 from lunaris.export.llama import (
     llama_compatible,
@@ -32,8 +34,8 @@ from lunaris.export.llama import (
 )
 from lunaris.export.remote_code import configuration_source, modeling_source
 from lunaris.fileio import move_into
+from lunaris.model import model_from_checkpoint
 from lunaris.runtime import END_OF_TEXT
-from lunaris.train.checkpoint import model_from_checkpoint
 
 FORMATS = ("auto", "llama", "qwen3", "lunaris")
 DTYPE_NAMES = {"fp32": (torch.float32, "float32"), "bf16": (torch.bfloat16, "bfloat16"),
@@ -46,8 +48,6 @@ EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "t
 def export_checkpoint(checkpoint, out_dir, tokenizer=None, fmt: str = "auto", dtype: str = "fp32",
                       force: bool = False) -> dict:
     """Export a checkpoint (file or run directory) to `out_dir`; returns a summary (format, files, parameters)."""
-    from lunaris.generate import end_of_text_id, find_tokenizer, load_tokenizer
-
     if fmt not in FORMATS:
         raise LunarisError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}.")
     if dtype not in DTYPE_NAMES:
@@ -58,34 +58,11 @@ def export_checkpoint(checkpoint, out_dir, tokenizer=None, fmt: str = "auto", dt
                            f"replace the exported files in it.")
     model = model_from_checkpoint(checkpoint)
     config = model.config
-    if fmt == "auto":
-        fmt = ("llama" if llama_compatible(config) else
-               "qwen3" if qwen3_compatible(config) and qwen3_available() else "lunaris")
-    if fmt == "llama" and not llama_compatible(config):
-        raise LunarisError("--format llama needs a dense model with n_reasoning_steps 1, no qk_norm, no "
-                           "logit_softcap and attention_mask: causal (Llama has no MoC layers, IRL steps, "
-                           "query/key norms, logit cap or document mask); use --format "
-                           f"{'qwen3' if qwen3_compatible(config) else 'lunaris'} for this model.")
-    if fmt == "qwen3" and not qwen3_compatible(config):
-        raise LunarisError("--format qwen3 needs a dense model with n_reasoning_steps 1, qk_norm, norm_bias false, "
-                           "no logit_softcap and attention_mask: causal (Qwen3 has no MoC layers, IRL steps, MLP "
-                           "biases, logit cap or document mask); use --format "
-                           f"{'llama' if llama_compatible(config) else 'lunaris'} for this model.")
+    fmt = choose_format(fmt, config)
     tokenizer_path = find_tokenizer(checkpoint, tokenizer)
     eos = end_of_text_id(load_tokenizer(tokenizer_path, config.vocab_size))
     torch_dtype, dtype_name = DTYPE_NAMES[dtype]
-
-    if fmt == "llama":
-        tensors = llama_state_dict(model)
-        hf_config = llama_config(config, eos, eos, dtype_name)
-    elif fmt == "qwen3":
-        tensors = qwen3_state_dict(model)
-        hf_config = qwen3_config(config, eos, eos, dtype_name)
-    else:
-        tensors = {f"model.{key}": value for key, value in model.state_dict().items()}
-        if config.tie_embeddings:  # one tensor in the file; the model ties lm_head to wte itself
-            del tensors["model.lm_head.weight"]
-        hf_config = lunaris_config(config, eos, dtype_name)
+    tensors, hf_config = hf_weights_and_config(model, fmt, eos, dtype_name)
 
     temp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(temp, ignore_errors=True)
@@ -104,6 +81,38 @@ def export_checkpoint(checkpoint, out_dir, tokenizer=None, fmt: str = "auto", dt
         shutil.rmtree(temp, ignore_errors=True)
     return {"format": fmt, "out_dir": str(out_dir), "files": files, "parameters": model.num_params(),
             "dtype": dtype_name, "tokenizer": str(tokenizer_path)}
+
+
+def choose_format(fmt: str, config) -> str:
+    """The format to write: `fmt`, or for auto the first of llama, qwen3, lunaris that the model fits; a format the
+    model does not fit is an error naming the one that does."""
+    if fmt == "auto":
+        return ("llama" if llama_compatible(config) else
+                "qwen3" if qwen3_compatible(config) and qwen3_available() else "lunaris")
+    if fmt == "llama" and not llama_compatible(config):
+        raise LunarisError("--format llama needs a dense model with n_reasoning_steps 1, no qk_norm, no "
+                           "logit_softcap and attention_mask: causal (Llama has no MoC layers, IRL steps, "
+                           "query/key norms, logit cap or document mask); use --format "
+                           f"{'qwen3' if qwen3_compatible(config) else 'lunaris'} for this model.")
+    if fmt == "qwen3" and not qwen3_compatible(config):
+        raise LunarisError("--format qwen3 needs a dense model with n_reasoning_steps 1, qk_norm, norm_bias false, "
+                           "no logit_softcap and attention_mask: causal (Qwen3 has no MoC layers, IRL steps, MLP "
+                           "biases, logit cap or document mask); use --format "
+                           f"{'llama' if llama_compatible(config) else 'lunaris'} for this model.")
+    return fmt
+
+
+def hf_weights_and_config(model, fmt: str, eos, dtype_name: str) -> tuple:
+    """(tensors of model.safetensors, config.json) of the model in format `fmt`."""
+    config = model.config
+    if fmt == "llama":
+        return llama_state_dict(model), llama_config(config, eos, eos, dtype_name)
+    if fmt == "qwen3":
+        return qwen3_state_dict(model), qwen3_config(config, eos, eos, dtype_name)
+    tensors = {f"model.{key}": value for key, value in model.state_dict().items()}
+    if config.tie_embeddings:  # one tensor in the file; the model ties lm_head to wte itself
+        del tensors["model.lm_head.weight"]
+    return tensors, lunaris_config(config, eos, dtype_name)
 
 
 def lunaris_config(config, eos, dtype_name: str) -> dict:
@@ -131,7 +140,6 @@ def generation_config(eos) -> dict:
 
 
 def save_safetensors(tensors: dict, path: Path, dtype: torch.dtype) -> None:
-    from safetensors.torch import save_file
     ready = {name: (t.detach().to(dtype) if t.is_floating_point() else t.detach()).contiguous().clone()
              for name, t in tensors.items()}
     save_file(ready, str(path), metadata={"format": "pt"})

@@ -4,8 +4,9 @@
 trained model, never a re-implementation that could drift from it:
 - every module of `lunaris.model` that the model imports (layers, attention, moc, model), whole, in
   dependency order, with their `from lunaris... import` lines removed (the names are defined in the same file);
-- from the other Lunaris modules (config, errors) only the definitions those modules use, found by following
-  the names they reference;
+- from the other Lunaris modules (config, errors) only the definitions those modules import at the top and use,
+  found by following the names they reference (an import inside a function, such as the checkpoint reader of
+  `model_from_checkpoint`, serves Lunaris alone: it becomes `pass` and nothing of it is embedded);
 - then `hf_wrapper.py`: the Hugging Face classes (config adapter, cache adapter, LunarisForCausalLM).
 The file imports only torch, transformers and the standard library; `lunaris` need not be installed.
 """
@@ -220,7 +221,9 @@ def modeling_source() -> str:
     whole = _whole_modules()
     wanted: dict = {}
     for module in whole:
-        for _, source_module, names in module.lunaris_imports():
+        # top-level imports only: one inside a function serves Lunaris alone (model_from_checkpoint reading a
+        # checkpoint) and becomes `pass` in the export, so what it names is not embedded
+        for _, source_module, names in module.lunaris_imports(top_level_only=True):
             if not source_module.startswith(WHOLE_PACKAGE):
                 wanted.setdefault(source_module, set()).update(names)
     # the wrapper (the Hugging Face classes) uses a few Lunaris names as well, e.g. model_config_from_dict

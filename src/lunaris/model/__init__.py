@@ -1,3 +1,3 @@
-from lunaris.model.model import LunarisCodex, ModelOutput
+from lunaris.model.model import LunarisCodex, ModelOutput, model_from_checkpoint
 
-__all__ = ["LunarisCodex", "ModelOutput"]
+__all__ = ["LunarisCodex", "ModelOutput", "model_from_checkpoint"]

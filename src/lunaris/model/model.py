@@ -2,7 +2,7 @@
 
 Read top to bottom: Block (pre-norm attention + pre-norm FFN), then the model (embedding, blocks,
 final norm, tied LM head), its loss, the one-token decode step (generation.py runs the decoding loop), FLOP
-count and optimizer groups. Single-device
+count and optimizer groups; last, `model_from_checkpoint` (the model a checkpoint describes). Single-device
 code: parallelism, training compilation and precision are applied from outside (lunaris.train).
 """
 
@@ -296,6 +296,11 @@ class LunarisCodex(nn.Module):
         extra = {"fused": True} if fused else {}
         return torch.optim.AdamW(param_groups, lr=learning_rate, betas=tuple(betas), **extra)
 
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu") -> "LunarisCodex":
+        """The model a checkpoint describes, with its weights, in eval mode on `device`: `model_from_checkpoint`."""
+        return model_from_checkpoint(path, device)
+
 
 def merge_stats(layer_stats: list) -> dict:
     """Merge per-layer metric dicts; a key reported by several layers (IRL norms) is averaged."""
@@ -304,3 +309,25 @@ def merge_stats(layer_stats: list) -> dict:
         for key, value in stats.items():
             merged.setdefault(key, []).append(value)
     return {key: values[0] if len(values) == 1 else torch.stack(values).mean() for key, values in merged.items()}
+
+
+def model_from_checkpoint(path, device="cpu") -> LunarisCodex:
+    """Build the model a checkpoint describes and load its weights, in eval mode, on `device`.
+
+    `path` is a checkpoint file (ckpt_<step>.pt, latest_checkpoint.pt), an FSDP checkpoint directory, or a run
+    directory (its newest checkpoint). The optimizer state is never read. Raises CheckpointError for a missing or
+    unreadable file, or weights that do not fit the config.
+    """
+    # imported here: the exported modeling code is this file, and a Hugging Face model reads no Lunaris checkpoint
+    from lunaris.checkpoints import read_model_checkpoint
+    from lunaris.errors import CheckpointError
+    path, config, weights = read_model_checkpoint(path)
+    model = LunarisCodex(config)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:800]  # torch lists every missing/unexpected/mis-sized key
+        raise CheckpointError(
+            f"the weights in {path} do not fit the model config stored with them ({detail}). The file was "
+            f"edited or written by another program; use a checkpoint saved by `lunaris train`.") from None
+    return model.to(device).eval()

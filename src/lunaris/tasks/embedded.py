@@ -1,4 +1,5 @@
-"""The embedded task, `python_next_line`: a real multiple-choice task that needs no download.
+"""The task built into Lunaris, `python_next_line` (also called `embedded`): a real multiple-choice task that needs
+no download.
 
 Built from the Python standard library present on every machine, deterministically (sorted files, a fixed seed):
 for each function of the held-out packages (HELD_OUT_PACKAGES), the context is its first lines, from the `def`
@@ -21,8 +22,9 @@ import sysconfig
 from pathlib import Path
 
 from lunaris.errors import LunarisError
-from lunaris.tasks.formats import EMBEDDED, EMBEDDED_NAME, MULTIPLE_CHOICE, Example, Task
+from lunaris.tasks.types import MULTIPLE_CHOICE, Example, Task
 
+NAME = "python_next_line"
 HELD_OUT_PACKAGES = ("email", "http", "json", "wsgiref", "xmlrpc")
 HELD_OUT_GLOBS = tuple(f"{package}/*" for package in HELD_OUT_PACKAGES)
 SEED = 0
@@ -141,8 +143,8 @@ def embedded_task(stdlib=None) -> Task:
     root = Path(stdlib or sysconfig.get_paths()["stdlib"])
     examples = build_examples(str(root))
     if not examples:
-        raise LunarisError(f"the embedded task is built from the standard library's {', '.join(HELD_OUT_PACKAGES)} "
-                           f"packages, but none were found under {root}; use a regular CPython installation or "
-                           f"task files of your own.")
+        raise LunarisError(f"the built-in task {NAME} is built from the standard library's "
+                           f"{', '.join(HELD_OUT_PACKAGES)} packages, but none were found under {root}; use a regular "
+                           f"CPython installation or task files of your own.")
     # the context ends with a newline and each choice is a whole line: nothing goes between them
-    return Task(EMBEDDED_NAME, MULTIPLE_CHOICE, list(examples), EMBEDDED, target_delimiter="")
+    return Task(NAME, MULTIPLE_CHOICE, list(examples), NAME, target_delimiter="")

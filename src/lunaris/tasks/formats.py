@@ -1,13 +1,7 @@
-"""Downstream tasks as data: what an example is, the task files Lunaris reads, and `--tasks` entries.
+"""Downstream tasks from files and names: the task files Lunaris reads, the built-in task, and `--tasks` entries.
 
-A task is a list of examples, each a context and its choices, scored by log-likelihood (see scoring.py):
-
-* multiple choice: the model picks the choice whose continuation `target_delimiter + choice` it finds most
-  likely after the context (`acc`), or most likely per character of the choice (`acc_norm`);
-* cloze: one target (LAMBADA's last word); right when greedy decoding after the context produces it exactly.
-
-Files are read from disk, never downloaded. The layout of a JSONL file is recognized from the fields of its
-first row:
+What a task is (examples, multiple choice or cloze) is types.py. Files are read from disk, never downloaded. The
+layout of a JSONL file is recognized from the fields of its first row, by the entries of LAYOUTS in order:
 
 | layout | fields | context + continuation (as lm-evaluation-harness builds them) |
 | --- | --- | --- |
@@ -18,52 +12,31 @@ first row:
 | LAMBADA | `text` | all words but the last + `" " + last word` (cloze) |
 
 (HellaSwag's text cleaned as lm-eval cleans it; PIQA's original release keeps its labels in valid-labels.lst.)
-
-Anything else is described by a small YAML file that maps fields (see `TaskFile`).
+A new layout is one more `Layout` entry in LAYOUTS. Anything else is described by a small YAML file that maps
+fields (see `TaskFile`). A task built into Lunaris is named instead of a file (BUILTIN_TASKS: `python_next_line`,
+whose older name `embedded` still works).
 """
 
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import yaml
 
 from lunaris.errors import LunarisError
+from lunaris.tasks import embedded
+from lunaris.tasks.types import CLOZE, MULTIPLE_CHOICE, Example, Task
 
-EMBEDDED = "embedded"                     # the path of the built-in task (tasks/embedded.py)
-EMBEDDED_NAME = "python_next_line"        # its name
-MULTIPLE_CHOICE, CLOZE = "multiple_choice", "cloze"
-LAYOUTS = ("simple", "hellaswag", "arc", "piqa", "lambada")
+# Example, Task, MULTIPLE_CHOICE and CLOZE live in types.py; they stay importable from here.
+__all__ = ["BUILTIN_TASKS", "CLOZE", "EMBEDDED", "EMBEDDED_NAME", "LAYOUTS", "Example", "Layout", "MULTIPLE_CHOICE",
+           "Task", "TaskFile", "TaskSpec", "detect_layout", "load_task", "parse_spec", "parse_specs", "read_layout",
+           "spec_problems"]
 
-
-@dataclass(frozen=True)
-class Example:
-    context: str
-    choices: tuple        # the candidate continuations (one, the target, for a cloze task)
-    label: int = 0        # index of the right choice
-
-
-@dataclass
-class Task:
-    name: str
-    kind: str                               # MULTIPLE_CHOICE or CLOZE
-    examples: list
-    source: str                             # the file it was read from, or "embedded"
-    target_delimiter: str = " "             # between the context and every choice
-    examples_total: int = 0                 # in the file, before `limit`
-
-    @property
-    def chance(self) -> Optional[float]:
-        """Expected accuracy of a uniform random pick (None for cloze: there is nothing to pick from)."""
-        if self.kind != MULTIPLE_CHOICE or not self.examples:
-            return None
-        return sum(1.0 / len(e.choices) for e in self.examples) / len(self.examples)
-
-    def requests(self) -> list:
-        """(context, continuation) of every choice of every example, in order."""
-        return [(e.context, self.target_delimiter + choice) for e in self.examples for choice in e.choices]
+EMBEDDED = "embedded"                     # the older name of the built-in task, kept as an alias
+EMBEDDED_NAME = embedded.NAME             # its name: python_next_line
+BUILTIN_TASKS = {embedded.NAME: embedded.embedded_task}   # name -> the function that builds the task
 
 
 @dataclass(frozen=True)
@@ -162,9 +135,9 @@ def spec_problems(entries) -> list:
 
 def load_task(spec: TaskSpec) -> Task:
     """The task a spec names, its examples cut to `spec.limit` (the first ones in file order)."""
-    if spec.path == EMBEDDED:
-        from lunaris.tasks.embedded import embedded_task
-        task = embedded_task()
+    builtin = BUILTIN_TASKS.get(EMBEDDED_NAME if spec.path == EMBEDDED else spec.path)
+    if builtin is not None:
+        task = builtin()
         task.name = spec.name
     else:
         path = Path(spec.path)
@@ -202,18 +175,9 @@ def read_jsonl(path: Path) -> list:
 
 
 def detect_layout(row: dict) -> Optional[str]:
+    """The name of the first layout in LAYOUTS whose fields the row has, or None."""
     keys = set(row)
-    if {"context", "choices", "label"} <= keys:
-        return "simple"
-    if "endings" in keys and ("ctx" in keys or "ctx_a" in keys):
-        return "hellaswag"
-    if {"question", "answerKey"} <= keys:
-        return "arc"
-    if {"goal", "sol1", "sol2"} <= keys:
-        return "piqa"
-    if "text" in keys and len(keys - {"text", "id", "domain"}) == 0:
-        return "lambada"
-    return None
+    return next((name for name, layout in LAYOUTS.items() if layout.detect(keys)), None)
 
 
 def read_layout(path: Path, name: str, layout: str = None) -> Task:
@@ -223,23 +187,21 @@ def read_layout(path: Path, name: str, layout: str = None) -> Task:
         raise LunarisError(f"task {name}: {path} holds no examples.")
     layout = layout or detect_layout(rows[0])
     if layout is None:
+        known = ", ".join(f"{entry.title} ({entry.fields})" for entry in LAYOUTS.values())
         raise LunarisError(f"task {name}: the rows of {path} (fields {', '.join(sorted(rows[0]))}) match no known "
-                           f"layout: simple (context, choices, label), HellaSwag (ctx_a, ctx_b, endings, label), "
-                           f"ARC (question, answerKey), PIQA (goal, sol1, sol2), LAMBADA (text). Describe other "
-                           f"fields with a task YAML (see the README, Evaluate).")
-    if layout == "piqa" and "label" not in rows[0]:
-        rows = _attach_piqa_labels(path, rows, name)
-    convert = {"simple": _simple, "hellaswag": _hellaswag, "arc": _arc, "piqa": _piqa, "lambada": _lambada}[layout]
+                           f"layout: {known}. Describe other fields with a task YAML (see the README, Evaluate).")
+    entry = LAYOUTS[layout]
+    if entry.prepare is not None:
+        rows = entry.prepare(path, rows, name)
     examples = []
     for number, row in enumerate(rows, 1):
         try:
-            examples.append(convert(row))
+            examples.append(entry.convert(row))
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
             raise LunarisError(f"task {name}: row {number} of {path} is not a valid {layout} example "
                                f"({type(exc).__name__}: {exc}).") from None
-    kind = CLOZE if layout == "lambada" else MULTIPLE_CHOICE
-    _check_examples(examples, kind, name, path)
-    return Task(name, kind, examples, str(path))
+    _check_examples(examples, entry.kind, name, path)
+    return Task(name, entry.kind, examples, str(path))
 
 
 def _simple(row) -> Example:
@@ -285,6 +247,8 @@ def _lambada(row) -> Example:
 
 def _attach_piqa_labels(path: Path, rows: list, name: str) -> list:
     """PIQA's original release keeps labels in a file beside the examples: valid.jsonl + valid-labels.lst."""
+    if "label" in rows[0]:
+        return rows
     labels_path = path.with_name(path.stem + "-labels.lst")
     if not labels_path.is_file():
         raise LunarisError(f"task {name}: the PIQA rows of {path} have no label field and {labels_path} (the labels "
@@ -293,6 +257,30 @@ def _attach_piqa_labels(path: Path, rows: list, name: str) -> list:
     if len(labels) != len(rows):
         raise LunarisError(f"task {name}: {labels_path} has {len(labels)} labels for {len(rows)} rows of {path}.")
     return [{**row, "label": int(label)} for row, label in zip(rows, labels)]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A published task-file layout: how its rows are recognised, and how one row becomes an Example."""
+    title: str                              # as error messages name it
+    fields: str                             # the fields that identify it, for error messages
+    detect: Callable[[set], bool]           # the keys of a row -> is it this layout?
+    convert: Callable[[dict], Example]      # one row -> one example (KeyError, ValueError, ... for a bad row)
+    kind: str = MULTIPLE_CHOICE
+    prepare: Optional[Callable[[Path, list, str], list]] = None   # (path, rows, task name) -> rows, before convert
+
+
+LAYOUTS = {  # detection tries them in this order
+    "simple": Layout("simple", "context, choices, label", lambda keys: {"context", "choices", "label"} <= keys,
+                     _simple),
+    "hellaswag": Layout("HellaSwag", "ctx_a, ctx_b, endings, label",
+                        lambda keys: "endings" in keys and ("ctx" in keys or "ctx_a" in keys), _hellaswag),
+    "arc": Layout("ARC", "question, answerKey", lambda keys: {"question", "answerKey"} <= keys, _arc),
+    "piqa": Layout("PIQA", "goal, sol1, sol2", lambda keys: {"goal", "sol1", "sol2"} <= keys, _piqa,
+                   prepare=_attach_piqa_labels),
+    "lambada": Layout("LAMBADA", "text", lambda keys: "text" in keys and not keys - {"text", "id", "domain"},
+                      _lambada, kind=CLOZE),
+}
 
 
 def _label(value, choices, names=None) -> int:

@@ -25,7 +25,7 @@ import torch
 
 from lunaris.errors import LunarisError
 from lunaris.runtime import autocast
-from lunaris.tasks.formats import CLOZE, MULTIPLE_CHOICE, Task
+from lunaris.tasks.types import CLOZE, MULTIPLE_CHOICE, Task
 
 
 def encode_pair(encode, context: str, continuation: str, prefix_id: int) -> tuple:

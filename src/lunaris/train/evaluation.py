@@ -12,8 +12,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lunaris.data import sequential_batches, tokenizer_path
+from lunaris.data.tokenizer import end_of_text_id, load_tokenizer
 from lunaris.errors import LunarisError
 from lunaris.runtime import autocast
+from lunaris.tasks import encode_task, evaluate_tasks, load_task, parse_specs
+from lunaris.tasks.scoring import token_encoder
+from lunaris.train.distributed import all_reduce_sum
 
 
 @torch.no_grad()
@@ -54,7 +59,6 @@ def rank_batches(dataset, batch_size: int, max_batches: int, rank: int, world_si
     """This rank's held-out batches: the first samples of the split in order, so every evaluation (and a
     resumed run's) sees the same ones. Every rank gets the same number of batches (FSDP runs a collective
     per forward)."""
-    from lunaris.data import sequential_batches
     B, W = batch_size, world_size
     # batches j = 0, 1, ... that the last rank also has (its j-th batch starts at (W-1)*B + j*B*W)
     common = max(0, math.ceil((len(dataset) - (W - 1) * B) / (B * W)))
@@ -82,10 +86,6 @@ class TaskEvaluator:
         """None when the config has no eval_tasks."""
         if not config.eval_tasks:
             return None
-        from lunaris.data import tokenizer_path
-        from lunaris.generate import end_of_text_id, load_tokenizer
-        from lunaris.tasks import encode_task, load_task, parse_specs
-        from lunaris.tasks.scoring import token_encoder
         path = tokenizer_path(config.data_dir) or Path(out_dir) / "tokenizer.json"
         if not path.is_file():
             raise LunarisError(f"eval_tasks needs the tokenizer of the training data, and neither data_dir "
@@ -99,8 +99,6 @@ class TaskEvaluator:
 
     def __call__(self, model, dtype: torch.dtype) -> dict:
         """{"eval/<task>/acc": ..., "eval/<task>/acc_norm": ... (multiple choice), "eval/tasks_seconds": ...}"""
-        from lunaris.tasks import evaluate_tasks
-        from lunaris.train.distributed import all_reduce_sum
         start = time.perf_counter()
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
