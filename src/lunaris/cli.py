@@ -65,9 +65,9 @@ def add_prepare_parser(sub):
                    help="one mixing weight per SOURCE (share of the output bytes); the mix stops when a source "
                         "runs out. Default: every document once, interleaved by source size")
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default 100M)")
-    p.add_argument("--val-tokens", type=int, default=1_000_000,
+    p.add_argument("--val-tokens", type=int, default=None,
                    help="tokens of whole documents held out for validation, taken from the start of the mix "
-                        "(default 1M; 0 for none)")
+                        "(default: 5%% of the corpus, at most 1M; 0 for none)")
     p.add_argument("--max-tokens", type=int, help="stop after this many training tokens")
     p.add_argument("--seed", type=int, default=0, help="shuffles the order of files inside directory sources")
     p.add_argument("--text-field", default="text",
