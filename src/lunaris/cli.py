@@ -320,8 +320,8 @@ def add_bench_parser(sub):
         description="Time training steps (forward, backward, AdamW) of Lunaris (eager and compiled) and "
                     "transformers' LlamaForCausalLM at identical shapes, in turns on this machine; report tokens/s, "
                     "ratios, MFU against the measured matmul rate (and the GPU's datasheet peak), MoC top-2/8 "
-                    "against the dense model of equal active parameters, peak memory of each configuration, and "
-                    "the figures of the bench/ scripts of a source checkout. Prints a markdown table.")
+                    "against the dense model of equal active parameters, peak memory of each configuration, the data "
+                    "pipeline, decoding tokens/s and one MoC layer's dispatch. Prints markdown tables.")
     add_arguments(p)  # every option and default is lunaris.bench's (BenchSettings)
     p.set_defaults(func=cmd_bench)
 
