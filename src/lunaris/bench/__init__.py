@@ -37,14 +37,16 @@ from lunaris.bench.settings import (
 )
 
 _LAZY = {  # public name: the module of this package that defines it (imported when the name is first used)
-    "lunaris_config": "step", "llama_config": "step", "build_contender": "step", "compare": "step",
-    "dense_comparison": "step", "moc_comparison": "step", "time_in_turns": "step", "has_transformers": "step",
-    "measure_memory": "memory", "memory_worker": "memory",
-    "bench_data": "data", "DataBenchOptions": "data",
-    "bench_generate": "generate", "GenerateBenchOptions": "generate",
-    "bench_moc_layer": "moc", "MocLayerBenchOptions": "moc",
-    "TARGETS": "report", "check_targets": "report", "markdown_report": "report", "machine_info": "report",
-    "run_bench": "run", "main_bench": "run", "check_json_path": "run",
+    **dict.fromkeys(("LLAMA_NAME", "Contender", "build_contender", "compare", "dense_comparison", "has_transformers",
+                     "llama_config", "lunaris_config", "lunaris_fuses_adamw", "make_step", "matmul_probe",
+                     "median_ratio", "moc_comparison", "synchronize", "time_in_turns", "try_compile"), "step"),
+    **dict.fromkeys(("MEMORY_KINDS", "add_memory", "measure_memory", "memory_worker", "proc_status_bytes",
+                     "reset_peak_rss"), "memory"),
+    **dict.fromkeys(("DataBenchOptions", "bench_data"), "data"),
+    **dict.fromkeys(("GenerateBenchOptions", "bench_generate"), "generate"),
+    **dict.fromkeys(("MocLayerBenchOptions", "bench_moc_layer"), "moc"),
+    **dict.fromkeys(("TARGETS", "check_targets", "git_state", "machine_info", "markdown_report", "versus"), "report"),
+    **dict.fromkeys(("check_json_path", "main_bench", "run_bench", "run_section"), "run"),
 }
 
 __all__ = ["DEVICE_DEFAULTS", "MOC_EXPERTS", "MOC_NAME", "MOC_TOP_K", "PRECISION", "QUICK_DEFAULTS", "SECTIONS",
