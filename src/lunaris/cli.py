@@ -114,9 +114,9 @@ def add_prepare_parser(sub):
                    help="one mixing weight per SOURCE (share of the output bytes); the mix stops when a source "
                         "runs out. Default: every document once, interleaved by source size")
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default 100M)")
-    p.add_argument("--val-tokens", type=int, default=1_000_000,
+    p.add_argument("--val-tokens", type=int, default=None,
                    help="tokens of whole documents held out for validation, taken from the start of the mix "
-                        "(default 1M; 0 for none)")
+                        "(default: 5%% of the corpus, at most 1M; 0 for none)")
     p.add_argument("--max-tokens", type=int, help="stop after this many training tokens")
     p.add_argument("--seed", type=int, default=0, help="shuffles the order of files inside directory sources")
     p.add_argument("--text-field", default="text",
@@ -385,14 +385,14 @@ def add_bench_parser(sub):
         description="Time training steps (forward, backward, AdamW) of Lunaris (eager and compiled) and "
                     "transformers' LlamaForCausalLM at identical shapes, in turns on this machine; report tokens/s, "
                     "ratios, MFU against the measured matmul rate (and the GPU's datasheet peak), MoC top-2/8 "
-                    "against the dense model of equal active parameters, peak memory of each configuration, and "
-                    "the figures of the bench/ scripts of a source checkout. Prints a markdown table.",
+                    "against the dense model of equal active parameters, peak memory of each configuration, the data "
+                    "pipeline, decoding tokens/s and one MoC layer's dispatch. Prints markdown tables.",
         add_later=_bench_arguments)
     p.set_defaults(func=cmd_bench)
 
 
 def _bench_arguments(p):
-    from lunaris.bench import add_arguments  # it imports torch: only once `lunaris bench` is parsed
+    from lunaris.bench import add_arguments  # only once `lunaris bench` is parsed
     add_arguments(p)  # every option and default is lunaris.bench's (BenchSettings)
 
 

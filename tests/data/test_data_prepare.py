@@ -1,4 +1,5 @@
-"""`lunaris prepare`: round trip of every document, mixing, source formats, tokenizers, atomic output."""
+"""`lunaris prepare`: round trip of every document, mixing, source formats, tokenizers, atomic output, and the
+validation split (adaptive by default, exact with --val-tokens)."""
 
 import gzip
 import json
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
+import lunaris.data.prepare as prepare_module
 from lunaris.cli import main
 from lunaris.data import ShardDataset, read_manifest
 from lunaris.data.prepare import PrepareOptions, prepare
@@ -214,3 +216,97 @@ def test_cli_prints_vocab_size_and_writes_manifest(tmp_path, capsys):
     assert f"model.vocab_size: {manifest['model_vocab_size']}" in printed
     assert manifest["args"]["vocab_size"] == 320 and manifest["args"]["sources"] == [str(src)]
     assert (tmp_path / "cli" / "val" / "shard_00000.npy").is_file()
+
+
+# ---- the validation split: 5% of the corpus, at most 1,000,000 tokens, unless --val-tokens says ------------------
+
+def run_split(tmp_path, docs, name, **kwargs):
+    """prepare `docs` (one JSONL file) into tmp_path/name; val_tokens as given, else the adaptive default."""
+    src = write_jsonl(tmp_path / f"{name}.jsonl", docs)
+    options = PrepareOptions(sources=[str(src)], out=tmp_path / name, vocab_size=300, progress=False, **kwargs)
+    return prepare(options), tmp_path / name
+
+
+def split_tokens(manifest) -> tuple:
+    return manifest["splits"].get("val", {}).get("tokens", 0), manifest["splits"]["train"]["tokens"]
+
+
+def test_a_small_corpus_prepares_with_the_default_and_holds_out_five_per_cent(tmp_path, capsys):
+    docs = make_docs(200, seed=3)
+    src = write_jsonl(tmp_path / "small.jsonl", docs)
+    out = tmp_path / "cli"
+    assert main(["prepare", str(src), "--out", str(out), "--vocab-size", "300", "--no-progress"]) == 0
+    manifest = read_manifest(out)
+    val, train = split_tokens(manifest)
+    total = val + train
+    assert total < 1_000_000 and val > 0 and train > 0      # the old default (1M) took everything: an error
+    longest = max(len(d) for d in docs) + 1                 # a document has at most as many tokens as characters
+    assert 0.05 * total <= val < 0.05 * total + longest     # whole documents, the last one crossing 5%
+    assert manifest["report"]["val_tokens"] == int(np.ceil(0.05 * total)) and manifest["report"]["val_tokens_automatic"]
+    assert manifest["args"]["val_tokens"] is None
+    printed = capsys.readouterr().out
+    assert f"validation: {val:,} tokens ({100 * val / total:.1f}% of the corpus; whole documents" in printed
+    assert "--val-tokens N to choose" in printed
+    assert decode_split(out, "val") + decode_split(out, "train") == docs   # each once, in order
+
+
+def test_a_corpus_over_the_cap_gets_exactly_the_fixed_split(tmp_path, monkeypatch):
+    """Above cap / 5% tokens the default is the cap: the shards are byte for byte those of --val-tokens cap."""
+    monkeypatch.setattr(prepare_module, "VAL_TOKENS_CAP", 100)
+    docs = make_docs(150, seed=4)
+    adaptive, out_a = run_split(tmp_path, docs, "a", shard_tokens=700)
+    fixed, out_f = run_split(tmp_path, docs, "f", val_tokens=100, shard_tokens=700)
+    assert sum(split_tokens(adaptive)) > 100 / 0.05
+    assert adaptive["splits"] == fixed["splits"] and adaptive["report"]["val_tokens"] == 100
+    for split in ("val", "train"):
+        assert [f.read_bytes() for f in sorted((out_a / split).glob("*.npy"))] == \
+               [f.read_bytes() for f in sorted((out_f / split).glob("*.npy"))]
+
+
+def test_documents_held_back_past_the_budget_train_after_the_rest(tmp_path, monkeypatch):
+    """Between the cap and cap / 5%: the first documents, up to the cap, wait in memory; those past 5% of the
+    corpus go to the end of train. Nothing is lost or repeated."""
+    docs = make_docs(150, seed=5)
+    total = sum(split_tokens(run_split(tmp_path, docs, "all", val_tokens=0)[0]))
+    monkeypatch.setattr(prepare_module, "VAL_TOKENS_CAP", total // 4)
+    manifest, out = run_split(tmp_path, docs, "mid", shard_tokens=300, batch_docs=16)
+    val, train = split_tokens(manifest)
+    assert val + train == total and 0.05 * total <= val < total // 4
+    val_docs, train_docs = decode_split(out, "val"), decode_split(out, "train")
+    n_val = len(val_docs)
+    assert val_docs == docs[:n_val]
+    held = [k for k in range(n_val + 1, len(docs)) if train_docs == docs[k:] + docs[n_val:k]]
+    assert len(held) == 1, "train is the documents after the held-back ones, then the held-back rest"
+
+
+def test_max_tokens_still_ends_train_where_an_explicit_split_would(tmp_path):
+    docs = make_docs(300, seed=6)
+    manifest, _ = run_split(tmp_path, docs, "m", max_tokens=2000)
+    val, train = split_tokens(manifest)
+    assert 2000 <= train < 2000 + max(len(d) for d in docs) + 1
+    assert val > 0 and manifest["report"]["val_tokens"] == int(np.ceil(2000 * 0.05 / 0.95))
+
+
+def test_a_single_document_trains_and_the_report_says_so(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "one.jsonl", ["just one document, with a handful of words in it"])
+    assert main(["prepare", str(src), "--out", str(tmp_path / "one"), "--vocab-size", "300", "--no-progress"]) == 0
+    manifest = read_manifest(tmp_path / "one")
+    assert "val" not in manifest["splits"] and manifest["splits"]["train"]["documents"] == 1
+    assert "validation: 0 tokens (0.0% of the corpus; the corpus is a single document" in capsys.readouterr().out
+
+
+def test_an_explicit_val_tokens_too_large_still_gives_the_clear_error(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "small.jsonl", make_docs(40, seed=7))
+    assert main(["prepare", str(src), "--out", str(tmp_path / "o"), "--vocab-size", "300", "--no-progress",
+                 "--val-tokens", "1000000"]) == 2
+    err = capsys.readouterr().err
+    assert "all of them went to the validation split (--val-tokens 1,000,000)" in err and "Lower --val-tokens" in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("val_tokens", [0, 50])
+def test_an_explicit_val_tokens_is_exact(tmp_path, val_tokens, capsys):
+    manifest, _ = run_split(tmp_path, make_docs(80, seed=8), "x", val_tokens=val_tokens)
+    val, _ = split_tokens(manifest)
+    assert val == 0 if val_tokens == 0 else 50 <= val < 50 + 400
+    assert manifest["report"]["val_tokens"] == val_tokens and not manifest["report"]["val_tokens_automatic"]

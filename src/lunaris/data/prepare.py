@@ -8,9 +8,10 @@ The pipeline (memory stays bounded whatever the corpus size: documents are strea
    byte-level BPE with `<|endoftext|>` as id 0 on the start of the mix.
 3. **Tokens** (here): documents are encoded in batches with the library's multi-threaded `encode_batch`
    (in a background thread, overlapping reading and writing), each followed by the end-of-text id.
-4. **Output** (`lunaris.data.writer`): the first documents, up to `--val-tokens`, form the validation
-   split, the rest the training split; shards and the tokenizer are written into a hidden staging
-   directory, the manifest last, and the directory is moved to `--out` only when complete.
+4. **Output** (`lunaris.data.writer`): the first documents, up to `--val-tokens` (default: 5% of the
+   corpus, at most 1,000,000 tokens), form the validation split, the rest the training split; shards and
+   the tokenizer are written into a hidden staging directory, the manifest last, and the directory is
+   moved to `--out` only when complete.
 
 Byte counts (`bytes` per split and source) are UTF-8 bytes of the documents as tokenized (after
 replacing undecodable bytes), without the end-of-text token, so bits-per-byte = nats / ln 2 / bytes.
@@ -31,7 +32,7 @@ import numpy as np
 from lunaris.data.shards import FORMAT_VERSION, MANIFEST_NAME, TOKENIZER_NAME
 from lunaris.data.sources import DEFAULT_INCLUDE, MixStats, Source, batched, mix_documents
 from lunaris.data.tokenizer import load_tokenizer, round_vocab, tokenizer_sample, train_tokenizer, vocab_size_of
-from lunaris.data.writer import ShardWriter, TrainValSplitter, install, staging_dir
+from lunaris.data.writer import AdaptiveSplitter, ShardWriter, TrainValSplitter, install, staging_dir
 from lunaris.errors import DataError
 from lunaris.fileio import atomic_write_json
 from lunaris.runtime import END_OF_TEXT, file_sha256
@@ -55,6 +56,11 @@ __all__ = [
 
 # ---- the command -----------------------------------------------------------------------------------
 
+# The validation split when --val-tokens is not given: this fraction of the corpus, at most VAL_TOKENS_CAP tokens
+# (so a corpus over 20M tokens gets exactly 1,000,000, and a small one still keeps 95% for training).
+VAL_FRACTION = 0.05
+VAL_TOKENS_CAP = 1_000_000
+
 @dataclass
 class PrepareOptions:
     sources: list
@@ -63,7 +69,7 @@ class PrepareOptions:
     tokenizer: Path | None = None
     weights: list | None = None
     shard_tokens: int = 100_000_000
-    val_tokens: int = 1_000_000
+    val_tokens: int | None = None  # None: VAL_FRACTION of the corpus, at most VAL_TOKENS_CAP
     max_tokens: int | None = None
     seed: int = 0
     text_field: str = "text"
@@ -93,7 +99,7 @@ class PrepareOptions:
         for name in ("shard_tokens", "batch_docs", "batch_bytes", "tokenizer_sample_bytes"):
             if getattr(self, name) <= 0:
                 problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.val_tokens < 0:
+        if self.val_tokens is not None and self.val_tokens < 0:
             problems.append(f"--val-tokens must be >= 0, got {self.val_tokens}")
         if self.max_tokens is not None and self.max_tokens <= 0:
             problems.append(f"--max-tokens must be positive, got {self.max_tokens}")
@@ -141,11 +147,17 @@ def _to_ids(encodings: list, eot_id: int, dtype) -> tuple:
     return np.frombuffer(flat, dtype=np.uint32).astype(dtype), lengths
 
 
-def _encode_all(options, sources, tokenizer, eot_id, dtype, stage: Path, stats: MixStats) -> dict:
-    """Tokenize the mix into staged shards; returns the per-split manifest entries."""
+def _splitter(options, val: ShardWriter, train: ShardWriter) -> TrainValSplitter:
+    if options.val_tokens is None:
+        return AdaptiveSplitter(val, train, VAL_FRACTION, VAL_TOKENS_CAP, options.max_tokens)
+    return TrainValSplitter(val, train, options.val_tokens, options.max_tokens)
+
+
+def _encode_all(options, sources, tokenizer, eot_id, dtype, stage: Path, stats: MixStats) -> tuple:
+    """Tokenize the mix into staged shards; returns the per-split manifest entries and the validation budget."""
     val = ShardWriter(stage / "val", dtype, options.shard_tokens)
     train = ShardWriter(stage / "train", dtype, options.shard_tokens)
-    splitter = TrainValSplitter(val, train, options.val_tokens, options.max_tokens)
+    splitter = _splitter(options, val, train)
     progress = _Progress(options.progress, "tokenizing")
     honour = options.weights is not None
     batches = batched(mix_documents(sources, honour, stats), options.batch_docs, options.batch_bytes)
@@ -161,7 +173,8 @@ def _encode_all(options, sources, tokenizer, eot_id, dtype, stage: Path, stats: 
             if pending is not None:
                 _write_batch(*pending, splitter, sources, eot_id, dtype, progress)
     progress.close()
-    return {"train": train.close(), **({"val": val.close()} if val.tokens else {})}
+    splitter.finish()
+    return {"train": train.close(), **({"val": val.close()} if val.tokens else {})}, splitter.val_tokens
 
 
 def _write_batch(batch, future, splitter, sources, eot_id, dtype, progress) -> bool:
@@ -201,7 +214,7 @@ def prepare(options: PrepareOptions, args_for_manifest: dict | None = None) -> d
         vocab_size = vocab_size_of(tokenizer)
         dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
         stats = MixStats()  # this run's counts (the tokenizer sample read the same documents with its own)
-        splits = _encode_all(options, sources, tokenizer, eot_id, dtype, stage, stats)
+        splits, val_budget = _encode_all(options, sources, tokenizer, eot_id, dtype, stage, stats)
         _check_splits(splits, options, sources, stats)
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -211,7 +224,9 @@ def prepare(options: PrepareOptions, args_for_manifest: dict | None = None) -> d
             "splits": splits,
             "sources": [s.describe() for s in sources],
             "mixing": "weights (stops when a source runs out)" if options.weights else "all documents once",
-            "report": {"requested_vocab_size": options.vocab_size, "empty_documents_skipped": stats.empty_skipped,
+            "report": {"requested_vocab_size": options.vocab_size, "val_tokens": val_budget,
+                       "val_tokens_automatic": options.val_tokens is None,
+                       "empty_documents_skipped": stats.empty_skipped,
                        "undecodable_sequences_replaced": stats.replaced, "seconds": round(time.time() - started, 1)},
             "args": args_for_manifest or {},
         }
@@ -230,6 +245,16 @@ def _check_splits(splits: dict, options, sources, stats) -> None:
                         f"(--val-tokens {options.val_tokens:,}). Lower --val-tokens, e.g. to {total // 10:,}.")
 
 
+def _validation_line(manifest: dict) -> str:
+    """How the default validation split came out, e.g. 'validation: 5,012 tokens (5.0% of the corpus; ...)'."""
+    splits = manifest["splits"]
+    val = splits.get("val", {}).get("tokens", 0)
+    share = 100 * val / max(1, val + splits["train"]["tokens"])
+    why = "the corpus is a single document, kept for training" if val == 0 else \
+        f"whole documents: the default is {100 * VAL_FRACTION:.0f}% up to {VAL_TOKENS_CAP:,}"
+    return f"  validation: {val:,} tokens ({share:.1f}% of the corpus; {why}; --val-tokens N to choose)"
+
+
 def format_report(manifest: dict, out: Path) -> str:
     """The human summary printed after `lunaris prepare`."""
     lines = [f"prepared {out}  (tokenizer vocab {manifest['vocab_size']:,}, {manifest['dtype']} shards, "
@@ -243,6 +268,8 @@ def format_report(manifest: dict, out: Path) -> str:
         lines.append(f"  source {s['path']}: {s['documents']:,} documents, {100 * s['bytes'] / total_bytes:.1f}% "
                      f"of bytes, {used}")
     report = manifest["report"]
+    if report.get("val_tokens_automatic"):
+        lines.append(_validation_line(manifest))
     lines.append(f"  skipped {report['empty_documents_skipped']:,} empty document(s); replaced "
                  f"{report['undecodable_sequences_replaced']:,} undecodable byte sequence(s); "
                  f"{report['seconds']:.1f} s")

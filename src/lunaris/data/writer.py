@@ -1,9 +1,11 @@
 """The output of `lunaris prepare`: token shards per split, built in a staging directory and installed whole.
 
 **Splits.** Documents are routed whole: the first ones, up to `--val-tokens`, form the validation split,
-the rest the training split (which stops at `--max-tokens`, also on a document boundary). Each split is a
-directory of `shard_00000.npy`, ... holding `--shard-tokens` tokens each (the last one fewer), uint16 for
-vocabularies up to 65,536 ids, uint32 above; a shard's sha256 is computed while it is written.
+the rest the training split (which stops at `--max-tokens`, also on a document boundary). Without
+`--val-tokens` the budget adapts to the corpus (`AdaptiveSplitter`): 5% of it, at most 1,000,000 tokens.
+Each split is a directory of `shard_00000.npy`, ... holding `--shard-tokens` tokens each (the last one
+fewer), uint16 for vocabularies up to 65,536 ids, uint32 above; a shard's sha256 is computed while it is
+written.
 
 **Atomicity.** Everything is built in a hidden staging directory next to `--out` and moved into place
 only when complete; each shard is written under a temporary name and renamed once it is on disk, and
@@ -14,6 +16,7 @@ valid, and an existing `--out` is replaced only once the new one is complete.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import shutil
 import tempfile
@@ -75,6 +78,16 @@ class ShardWriter:
                 "max_token_id": self.max_id, "shards": self.shards}
 
 
+def _documents_within(starts: np.ndarray, budget: int) -> int:
+    """How many documents start while fewer than `budget` tokens are taken (so the last one may cross it)."""
+    return int(np.searchsorted(starts, budget, side="left")) if budget > 0 else 0
+
+
+def _offset(starts: np.ndarray, n_docs: int, n_ids: int) -> int:
+    """The token offset where document `n_docs` starts (the end of the batch when it has no more)."""
+    return int(starts[n_docs]) if n_docs < len(starts) else n_ids
+
+
 class TrainValSplitter:
     """Routes whole documents to the val writer until it holds `val_tokens`, then to train."""
 
@@ -92,18 +105,63 @@ class TrainValSplitter:
         on a whole document; the same rule ends train at --max-tokens.
         """
         starts = np.cumsum(lengths) - lengths  # (n_docs,) offset of each document in `ids`
-        n_val = 0
-        if self.val.tokens < self.val_tokens:
-            n_val = int(np.searchsorted(starts, self.val_tokens - self.val.tokens, side="left"))
-        cut = int(starts[n_val]) if n_val < len(starts) else len(ids)
+        n_val = _documents_within(starts, self.val_tokens - self.val.tokens)
+        cut = _offset(starts, n_val, len(ids))
         self.val.add(ids[:cut], n_val, int(sizes[:n_val].sum()))
+        return n_val + self._add_train(ids[cut:], lengths[n_val:], sizes[n_val:])
+
+    def _add_train(self, ids: np.ndarray, lengths: np.ndarray, sizes: np.ndarray) -> int:
+        starts = np.cumsum(lengths) - lengths
         n_keep = len(lengths)
         if self.max_tokens is not None:
-            n_keep = int(np.searchsorted(starts, cut + self.max_tokens - self.train.tokens, side="left"))
-            n_keep = max(n_keep, n_val)
-        end = int(starts[n_keep]) if n_keep < len(starts) else len(ids)
-        self.train.add(ids[cut:end], n_keep - n_val, int(sizes[n_val:n_keep].sum()))
+            n_keep = _documents_within(starts, self.max_tokens - self.train.tokens)
+        self.train.add(ids[:_offset(starts, n_keep, len(ids))], n_keep, int(sizes[:n_keep].sum()))
         return n_keep
+
+    def finish(self) -> None:
+        """Called once after the last batch; the split is already written."""
+
+
+class AdaptiveSplitter(TrainValSplitter):
+    """The default split: `fraction` of the corpus for validation, at most `cap` tokens, whole documents.
+
+    The corpus size is known only at the end, so the first documents, up to `cap` tokens, are held back in
+    memory (at most a few MB) while the rest goes to train; `finish` then gives val the first of them up
+    to the budget and appends the others to train. A corpus over cap / fraction tokens keeps exactly the
+    split a fixed `--val-tokens cap` gives. Under --max-tokens M at most M·fraction/(1 - fraction) is held
+    back, which is the whole budget of a corpus that reaches M: train still ends at M. Train never ends
+    empty while there are two documents.
+    """
+
+    def __init__(self, val: ShardWriter, train: ShardWriter, fraction: float, cap: int, max_tokens: int | None):
+        hold = cap if max_tokens is None else min(cap, math.ceil(max_tokens * fraction / (1 - fraction)))
+        super().__init__(val, train, hold, max_tokens)
+        self.fraction = fraction
+        self.held, self.held_tokens = [], 0  # [(ids, lengths, sizes)] of the first documents, in order
+
+    def add(self, ids: np.ndarray, lengths: np.ndarray, sizes: np.ndarray) -> int:
+        starts = np.cumsum(lengths) - lengths
+        n_held = _documents_within(starts, self.val_tokens - self.held_tokens)
+        cut = _offset(starts, n_held, len(ids))
+        if n_held:
+            self.held.append((ids[:cut].copy(), lengths[:n_held].copy(), sizes[:n_held].copy()))
+            self.held_tokens += cut
+        return n_held + self._add_train(ids[cut:], lengths[n_held:], sizes[n_held:])
+
+    def finish(self) -> None:
+        """Decide the budget (`val_tokens` from now on; at most what was held back), write the held documents."""
+        self.val_tokens = min(self.val_tokens, math.ceil(self.fraction * (self.held_tokens + self.train.tokens)))
+        if not self.held:
+            return
+        ids, lengths, sizes = (np.concatenate(parts) for parts in zip(*self.held))
+        self.held = []
+        starts = np.cumsum(lengths) - lengths
+        n_val = _documents_within(starts, self.val_tokens)
+        if self.train.tokens == 0:
+            n_val = min(n_val, len(lengths) - 1)  # a tiny corpus: at least one document trains
+        cut = _offset(starts, n_val, len(ids))
+        self.val.add(ids[:cut], n_val, int(sizes[:n_val].sum()))
+        self.train.add(ids[cut:], len(lengths) - n_val, int(sizes[n_val:].sum()))
 
 
 @contextmanager
