@@ -17,7 +17,8 @@ One MoC layer replaces the FFN of a block (model.make_ffn). Read top to bottom:
 6. Auxiliary losses (fp32): load balance E·Σ f_i·P_i and router z-loss mean(logsumexp(logits)²).
    With `load_balance: bias` (auxiliary-loss-free, DeepSeek-V3) there is no load-balance loss: a per-expert
    bias is added to the logits to select the top-k (the gates stay the unbiased softmax), training forwards
-   count each expert's slots, and after every optimizer step the training loop calls `apply_balance`.
+   count each expert's slots, and after every optimizer step the model's training hook (`ExpertBalance`, which
+   `LunarisCodex.training_hooks()` hands to the training loop) calls `apply_balance`.
 
 Shapes: B batch, T time, N = B·T tokens, D d_model, H expert hidden size, E experts, K top_k,
 C capacity (slots per expert), R rows of the expert input buffer.
@@ -30,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lunaris.metrics import BIAS_SPREAD, DROP_RATE, EXPERT_UTIL, MAX_LOAD_RATIO, ROUTER_ENTROPY
 from lunaris.model.layers import ReasoningFeedForward, RMSNorm, SwiGLU, irl_iterate
 
 # ---------------------------------------------------------------------------------------------
@@ -165,6 +167,7 @@ class StackedExperts(nn.Module):
         self.steps, self.alpha = steps, alpha
         self.gate_up = nn.Parameter(torch.empty(n_experts, d_model, 2 * hidden))  # [E, D, 2H]: gate | up
         self.down = nn.Parameter(torch.empty(n_experts, hidden, d_model))         # [E, H, D]
+        self.irl_probe = None   # an open IRLProbe (log steps of training; analysis), else None
 
     def init_weights(self, std: float, residual_std: float):
         nn.init.normal_(self.gate_up, 0.0, std)
@@ -184,9 +187,10 @@ class StackedExperts(nn.Module):
         """x_rows (R, D) in the plan's layout -> expert outputs (R, D) after S IRL steps."""
         if plan.group_ends is not None:
             return irl_iterate(lambda z: self.grouped_swiglu(z, plan.group_ends), x_rows,
-                               self.steps, self.alpha, stats, site=self)
+                               self.steps, self.alpha, stats, site=self, probe=self.irl_probe)
         buffer = x_rows.view(self.n_experts, plan.capacity, self.d_model)      # (E, C, D)
-        return irl_iterate(self.batched_swiglu, buffer, self.steps, self.alpha, stats, site=self).view_as(x_rows)
+        return irl_iterate(self.batched_swiglu, buffer, self.steps, self.alpha, stats, site=self,
+                           probe=self.irl_probe).view_as(x_rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,13 +397,13 @@ class MoCLayer(nn.Module):
         layer = self.layer_idx
         fraction = plan.counts.float() / (n_tokens * self.top_k)               # (E,)
         for i in range(self.n_experts):
-            stats[f"experts/util_layer{layer}/e{i}"] = fraction[i]
-        stats[f"experts/drop_rate_layer{layer}"] = 1.0 - plan.keep.float().mean()
+            stats[EXPERT_UTIL.format(layer=layer, expert=i)] = fraction[i]
+        stats[DROP_RATE.format(layer=layer)] = 1.0 - plan.keep.float().mean()
         # entropy -Σ p·log p = logsumexp(logits) - Σ p·logits, from tensors the aux loss computed anyway
-        stats[f"experts/router_entropy_layer{layer}"] = (log_normalizer - (probs * logits).sum(-1)).mean()
-        stats[f"experts/max_load_ratio_layer{layer}"] = fraction.max() * self.n_experts
+        stats[ROUTER_ENTROPY.format(layer=layer)] = (log_normalizer - (probs * logits).sum(-1)).mean()
+        stats[MAX_LOAD_RATIO.format(layer=layer)] = fraction.max() * self.n_experts
         if self.load_balance == "bias":  # averaged over layers by merge_stats
-            stats["moc/bias_spread"] = self.balance_bias.max() - self.balance_bias.min()
+            stats[BIAS_SPREAD] = self.balance_bias.max() - self.balance_bias.min()
 
     # ---- auxiliary-loss-free balancing (load_balance: bias) ----
     @torch.no_grad()
@@ -408,8 +412,8 @@ class MoCLayer(nn.Module):
 
         counts (E,) are the slots routed to each expert over a whole optimizer step (every micro-batch, and
         every process: the caller sums them). An underloaded expert's bias rises, an overloaded one's falls;
-        only the sign of the imbalance counts, so the update is the same whatever the batch size. Called by the
-        training step after the optimizer update (lunaris.train.step.balance_experts), never in forward.
+        only the sign of the imbalance counts, so the update is the same whatever the batch size. Called after the
+        optimizer update by the model's training hook (ExpertBalance.after_update), never in forward.
         """
         load = counts.to(device=self.balance_bias.device, dtype=torch.float32)
         step = self.balance_bias_rate if rate is None else rate
@@ -417,7 +421,7 @@ class MoCLayer(nn.Module):
 
     @torch.no_grad()
     def reset_balance_counts(self) -> None:
-        """Forget the counted load (the training step calls it before its first micro-batch and after the update)."""
+        """Forget the counted load (ExpertBalance: before a step's first micro-batch and after the update)."""
         self.balance_counts.zero_()
 
     # ---- accounting ----
@@ -428,3 +432,39 @@ class MoCLayer(nn.Module):
         collab = sum(p.numel() for p in self.collab.parameters() if p.dim() >= 2) if self.collab is not None else 0
         shared = self.shared.matmul_params_per_token() if self.shared is not None else 0
         return self.d_model * self.n_experts + self.top_k * (self.experts.steps * expert + collab) + shared
+
+
+# ---------------------------------------------------------------------------------------------
+# Auxiliary-loss-free balancing as a training hook
+# ---------------------------------------------------------------------------------------------
+
+class ExpertBalance:
+    """The training hook of `load_balance: bias`: what the training loop runs around each optimizer step for
+    these MoC layers (the loop calls `before_step` / `after_update` of every hook the model hands it, and
+    names no layer type).
+
+    A step counts its own micro-batches only: `before_step` forgets loads counted by a probe forward or a failed
+    compiled attempt. `after_update` sums every layer's loads over processes in ONE all-reduce (the function
+    the caller passes: parallelism stays out of the model), so every rank applies the same update and the biases
+    stay identical; then it forgets them. A skipped update (non-finite loss) only forgets them.
+    """
+
+    def __init__(self, layers: list):
+        self.layers = layers      # the MoCLayers with load_balance: bias
+
+    @classmethod
+    def hooks_of(cls, model: nn.Module) -> list:
+        """[ExpertBalance over the bias-balanced MoC layers of `model`], or [] when it has none."""
+        layers = [m for m in model.modules() if isinstance(m, MoCLayer) and m.load_balance == "bias"]
+        return [cls(layers)] if layers else []
+
+    def before_step(self) -> None:
+        for layer in self.layers:
+            layer.reset_balance_counts()
+
+    def after_update(self, applied: bool, all_reduce_sum) -> None:
+        counts = all_reduce_sum(torch.stack([layer.balance_counts for layer in self.layers]))   # (layers, E)
+        for layer, layer_counts in zip(self.layers, counts):
+            if applied:
+                layer.apply_balance(layer_counts)
+            layer.reset_balance_counts()

@@ -17,7 +17,8 @@ from torch.utils.checkpoint import checkpoint
 from lunaris.config import LunarisCodexConfig, raise_problems
 from lunaris.model.attention import CausalSelfAttention, KVCache, decode_linear
 from lunaris.model.generation import decode_compile_options, generate_tokens, stream_tokens
-from lunaris.model.layers import ReasoningFeedForward, RMSNorm, RotaryEmbedding, irl_iterate
+from lunaris.model.layers import IRLProbe, ReasoningFeedForward, RMSNorm, RotaryEmbedding, irl_iterate
+from lunaris.model.moc import ExpertBalance, MoCLayer
 
 
 class ModelOutput(NamedTuple):
@@ -31,7 +32,6 @@ class ModelOutput(NamedTuple):
 def make_ffn(config: LunarisCodexConfig, layer: int) -> nn.Module:
     """Dense IRL FFN, or a MoC layer where config.is_moc_layer(layer). Both return (y, aux, stats)."""
     if config.is_moc_layer(layer):
-        from lunaris.model.moc import MoCLayer
         return MoCLayer(config, layer)
     return ReasoningFeedForward(config)
 
@@ -186,6 +186,23 @@ class LunarisCodex(nn.Module):
         total = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), flat_targets,
                                 ignore_index=-1, reduction="sum")
         return total / (flat_targets != -1).sum().clamp_min(1)
+
+    # ---- what training asks of the model ----
+    def training_hooks(self) -> list:
+        """Model-specific work around each optimizer step, for a training loop that names no layer type.
+
+        Each hook has `before_step()` (before the step's first micro-batch) and `after_update(applied,
+        all_reduce_sum)` (right after the optimizer update, `applied` False when it was skipped; `all_reduce_sum`
+        sums a tensor over processes in place, the identity in one process). Today: MoC layers with
+        load_balance: bias move their routing bias by the step's expert load (moc.ExpertBalance).
+        """
+        return ExpertBalance.hooks_of(self)
+
+    def analysis(self) -> IRLProbe:
+        """The analysis metrics of one training step (the trainer's log steps): a context manager around the step's
+        forward and backward passes; `metrics(loss_scale)` of what it returns gives them afterwards. Today: the
+        IRL update cosines (in the model's metrics) and the gradient norms of the IRL states (layers.IRLProbe)."""
+        return IRLProbe(self)
 
     # ---- generation ----
     def new_kv_caches(self, batch: int, length: int) -> list:

@@ -155,6 +155,7 @@ class Trainer:
         else:
             model.to(info.device)
         self.raw_model = model
+        self.hooks = model.training_hooks()
         self.optimizer = build_optimizer(model, cfg, info.device.type)
         if state is not None:
             self.checkpointer.restore_optimizer(model, self.optimizer, state)
@@ -231,9 +232,10 @@ class Trainer:
         """Forward/backward of every micro-batch; the first compiled call compiles, and if that fails, the step
         is redone eagerly after one warning."""
         def run():
-            steps.reset_balance_counts(self.raw_model)  # MoC load_balance: bias counts this step's load only
+            steps.before_step(self.hooks)  # the model's hooks see this step's micro-batches only
             return steps.accumulate(self.model, micro_batches, self.info.device, self.dtype, self.scaler,
-                                    sync_context=lambda last: no_sync_context(self.ddp, last), analyze=analyze)
+                                    sync_context=lambda last: no_sync_context(self.ddp, last),
+                                    analysis=self.raw_model.analysis() if analyze else None)
         if not self.compile_pending:
             return run()
         try:
@@ -270,7 +272,7 @@ class Trainer:
         main, aux = main / world, aux / world
         loss_ok, norm_ok = math.isfinite(main + aux), math.isfinite(norm)
         steps.update(self.optimizer, loss_ok and norm_ok, self.scaler)
-        steps.balance_experts(self.raw_model, loss_ok and norm_ok)  # MoC load_balance: bias (a collective)
+        steps.after_update(self.hooks, loss_ok and norm_ok, all_reduce_sum)  # the model's hooks (may be a collective)
         self.stopping = stop_votes > 0  # the same on every rank, unlike signals.requested
         bad = not loss_ok or (not norm_ok and not self.scaler.is_enabled())
         return {"loss/total": main + aux, "loss/main": main, "loss/aux": aux, "lr": lr, "grad_norm": norm, "bad": bad}
