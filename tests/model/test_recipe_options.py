@@ -86,7 +86,8 @@ def test_cached_and_static_decoding_with_qk_norm_equal_the_forward(overrides):
 
 
 def test_qk_norm_weights_go_to_the_no_decay_adamw_group_never_to_muon():
-    from lunaris.train.optim import build_optimizer, muon_parameters
+    from lunaris.train.muon import muon_parameters
+    from lunaris.train.optim import build_optimizer
     model = LunarisCodex(tiny_model_config(qk_norm=True))
     names = {id(p): n for n, p in model.named_parameters()}
     qk = {n for n in names.values() if "q_norm" in n or "k_norm" in n}

@@ -2,7 +2,7 @@
 
 Read top to bottom: Block (pre-norm attention + pre-norm FFN), then the model (embedding, blocks,
 final norm, tied LM head), its loss, the one-token decode step (generation.py runs the decoding loop), FLOP
-count and optimizer groups. Single-device
+count, and what training asks of it (hooks, analysis, AdamW groups from param_groups.py). Single-device
 code: parallelism, training compilation and precision are applied from outside (lunaris.train).
 """
 
@@ -19,6 +19,7 @@ from lunaris.model.attention import CausalSelfAttention, KVCache, decode_linear
 from lunaris.model.generation import decode_compile_options, generate_tokens, stream_tokens
 from lunaris.model.layers import IRLProbe, ReasoningFeedForward, RMSNorm, RotaryEmbedding, irl_iterate
 from lunaris.model.moc import ExpertBalance, MoCLayer
+from lunaris.model.param_groups import adamw
 
 
 class ModelOutput(NamedTuple):
@@ -285,33 +286,11 @@ class LunarisCodex(nn.Module):
     # ---- optimizer ----
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95),
                              device_type: str = "cpu", router_lr_scale: float = 0.5, exclude=frozenset()):
-        """AdamW with groups decay (>=2-D weights), no_decay (norms, biases), router (no decay, lr_scale).
-
-        Every group carries `lr_scale`; the trainer's schedule sets lr = schedule(step) * lr_scale.
-        Parameters whose id() is in `exclude` are left out (another optimizer, e.g. Muon, updates them).
-        """
-        groups = {"decay": [], "no_decay": [], "router": []}
-        for name, param in self.named_parameters():
-            if not param.requires_grad or id(param) in exclude:
-                continue
-            if "router" in name:
-                groups["router"].append(param)
-            elif param.dim() >= 2:
-                groups["decay"].append(param)
-            else:
-                groups["no_decay"].append(param)
-        settings = {"decay": (weight_decay, 1.0), "no_decay": (0.0, 1.0), "router": (0.0, router_lr_scale)}
-        param_groups = [
-            {"params": params, "name": name, "weight_decay": settings[name][0], "lr_scale": settings[name][1],
-             "lr": learning_rate * settings[name][1]}
-            for name, params in groups.items() if params
-        ]
-        # Fused AdamW (one kernel per step instead of ~10 passes over every tensor): on CUDA, and on CPU
-        # (torch >= 2.4, ~5x faster there) for plain tensors; FSDP's sharded DTensors on CPU keep the default.
-        plain = all(type(p.data) is torch.Tensor for group in param_groups for p in group["params"])
-        fused = device_type == "cuda" or (device_type == "cpu" and plain and torch.__version__ >= (2, 4))
-        extra = {"fused": True} if fused else {}
-        return torch.optim.AdamW(param_groups, lr=learning_rate, betas=tuple(betas), **extra)
+        """AdamW with groups decay (>=2-D weights), no_decay (norms, biases), router (no decay, lr_scale): the same
+        optimizer `optimizer: adamw` trains with. A thin alias of `param_groups.adamw` (which parameter is which
+        kind: model/param_groups.py); every group carries `lr_scale`, and parameters whose id() is in `exclude`
+        are left out."""
+        return adamw(self, weight_decay, learning_rate, betas, device_type, router_lr_scale, exclude)
 
 
 def merge_stats(layer_stats: list) -> dict:
