@@ -112,8 +112,8 @@ def test_zero_init_out_zeroes_exactly_the_residual_output_projections(overrides)
     default = LunarisCodex(tiny_model_config(**overrides))
     torch.manual_seed(0)
     model = LunarisCodex(tiny_model_config(zero_init_out=True, **overrides))
-    residual = {f"{name}.weight" for name, module in model.named_modules() if getattr(module, "residual_out", False)}
-    residual |= {name for name, _ in model.named_parameters() if name.endswith("experts.down")}
+    residual = {f"{name}.{param}" for name, module in model.named_modules()
+                for param in getattr(module, "residual_out", ())}
     assert any("attn.proj" in n for n in residual) and any("ffn" in n and "down" in n for n in residual)
     if overrides:
         assert any("experts.down" in n for n in residual)

@@ -76,7 +76,7 @@ class SwiGLU(nn.Module):
         super().__init__()
         self.gate_up = nn.Linear(d_model, 2 * hidden, bias=False)
         self.down = nn.Linear(hidden, d_model, bias=False)
-        self.down.residual_out = True  # depth-scaled init
+        self.down.residual_out = ("weight",)  # a residual output projection: depth-scaled init
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Two products with views of the fused weight rather than one (B, T, 2H) output split in two:

@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lunaris.metrics import BIAS_SPREAD, DROP_RATE, EXPERT_UTIL, MAX_LOAD_RATIO, ROUTER_ENTROPY
+from lunaris.model.initialization import initialize
 from lunaris.model.layers import ReasoningFeedForward, RMSNorm, SwiGLU, irl_iterate
 
 # ---------------------------------------------------------------------------------------------
@@ -161,6 +162,8 @@ class StackedExperts(nn.Module):
     gradient: DDP with find_unused_parameters=False never waits for it.
     """
 
+    residual_out = ("down",)   # the residual output projection: depth-scaled init (initialization.py)
+
     def __init__(self, n_experts: int, d_model: int, hidden: int, steps: int, alpha: float):
         super().__init__()
         self.n_experts, self.d_model, self.hidden = n_experts, d_model, hidden
@@ -168,10 +171,6 @@ class StackedExperts(nn.Module):
         self.gate_up = nn.Parameter(torch.empty(n_experts, d_model, 2 * hidden))  # [E, D, 2H]: gate | up
         self.down = nn.Parameter(torch.empty(n_experts, hidden, d_model))         # [E, H, D]
         self.irl_probe = None   # an open IRLProbe (log steps of training; analysis), else None
-
-    def init_weights(self, std: float, residual_std: float):
-        nn.init.normal_(self.gate_up, 0.0, std)
-        nn.init.normal_(self.down, 0.0, residual_std)
 
     def batched_swiglu(self, x: torch.Tensor) -> torch.Tensor:
         """x (E, C, D) -> (E, C, D): one batched matmul per projection."""
@@ -215,7 +214,7 @@ class MHACollaboration(nn.Module):
         self.n_heads = config.collab_heads or config.n_heads
         self.qkv = nn.Linear(D, 3 * D, bias=False)
         self.out = nn.Linear(D, D, bias=False)
-        self.out.residual_out = True
+        self.out.residual_out = ("weight",)
         self.norm = RMSNorm(D, config.norm_eps)
         self.ffn = SwiGLU(D, D)   # its `down` is marked residual_out
         self.dropout = config.dropout
@@ -240,7 +239,7 @@ class SimpleCollaboration(nn.Module):
         self.qkm = nn.Linear(D, 3 * D, bias=False)          # W_q | W_k | W_m fused
         self.mlp_in = nn.Linear(2 * D, D, bias=False)
         self.mlp_out = nn.Linear(D, D, bias=False)
-        self.mlp_out.residual_out = True
+        self.mlp_out.residual_out = ("weight",)
         self.dropout = nn.Dropout(config.simple_collab_dropout)
 
     def forward(self, e: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -289,24 +288,9 @@ class MoCLayer(nn.Module):
         # "auto": grouped matmul where it works, else the padded batched matmul. Tests and the
         # benchmark set "grouped" or "padded" to compare the two.
         self.dispatch_backend = "auto"
-        std = 0.02
-        self.init_weights(std, std / math.sqrt(2 * config.n_layers))
-
-    def init_weights(self, std: float, residual_std: float):
-        """Normal(0, std) for the router, experts' gate/up and collaboration inputs; residual_std for
-        the experts' and shared experts' down and the collaboration output projections (called by
-        model.reset_parameters)."""
-        nn.init.normal_(self.router.weight, 0.0, std)
-        self.experts.init_weights(std, residual_std)
-        if self.shared is not None:
-            nn.init.normal_(self.shared.ffn.gate_up.weight, 0.0, std)
-            nn.init.normal_(self.shared.ffn.down.weight, 0.0, residual_std)
-        if self.collab is not None:
-            for module in self.collab.modules():
-                if isinstance(module, nn.Linear):
-                    nn.init.normal_(module.weight, 0.0, residual_std if getattr(module, "residual_out", False) else std)
-                elif isinstance(module, RMSNorm):
-                    nn.init.ones_(module.weight)
+        # A layer built alone (tests, benchmarks) gets the model's initialization here. Inside LunarisCodex it is
+        # built on the meta device, where this draws nothing: the model then draws each weight once, itself.
+        initialize(self, config)
 
     # ---- routing ----
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:

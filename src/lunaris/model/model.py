@@ -6,7 +6,6 @@ count, and what training asks of it (hooks, analysis, AdamW groups from param_gr
 code: parallelism, training compilation and precision are applied from outside (lunaris.train).
 """
 
-import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -17,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from lunaris.config import LunarisCodexConfig, raise_problems
 from lunaris.model.attention import CausalSelfAttention, KVCache, decode_linear
 from lunaris.model.generation import decode_compile_options, generate_tokens, stream_tokens
+from lunaris.model.initialization import initialize
 from lunaris.model.layers import IRLProbe, ReasoningFeedForward, RMSNorm, RotaryEmbedding, irl_iterate
 from lunaris.model.moc import ExpertBalance, MoCLayer
 from lunaris.model.param_groups import adamw
@@ -105,35 +105,25 @@ class LunarisCodex(nn.Module):
         super().__init__()
         raise_problems(config.problems() + config.build_problems(), "model config")
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.d_model)
-        self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
-        self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layers))
-        self.norm = RMSNorm(config.d_model, config.norm_eps, bias=False)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        device = torch.get_default_device()
+        with torch.device("meta"):  # built without drawing a number: init_weights below draws each weight once
+            self.wte = nn.Embedding(config.vocab_size, config.d_model)
+            self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+            self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layers))
+            self.norm = RMSNorm(config.d_model, config.norm_eps, bias=False)
+            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.to_empty(device=device)  # storage on the default device (the rotary tables are computed there)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        self.reset_parameters()
+        self.init_weights()
 
     # ---- initialization ----
-    def reset_parameters(self):
-        """Normal(0, 0.02); residual output projections 0.02/sqrt(2·n_layers) (zero with zero_init_out); norms
-        weight 1, bias 0."""
-        std = 0.02
-        # zero_init_out: std 0 draws exact zeros (and the same random numbers, so every other weight is unchanged)
-        residual_std = 0.0 if self.config.zero_init_out else std / math.sqrt(2 * self.config.n_layers)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, 0.0, residual_std if getattr(module, "residual_out", False) else std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, 0.0, std)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif module is not self and hasattr(module, "init_weights"):
-                module.init_weights(std, residual_std)  # stacked expert weights, collaboration
+    def init_weights(self) -> None:
+        """Draw every weight once, in the order of `named_parameters`: Normal(0, 0.02); residual output projections
+        0.02/sqrt(2·n_layers) (zero with zero_init_out); norms weight 1, bias 0 (initialization.py)."""
+        initialize(self, self.config)
+
+    reset_parameters = init_weights   # the older name
 
     # ---- forward ----
     def forward(self, idx: torch.Tensor, targets: torch.Tensor = None, caches: list = None, start: int = 0,
