@@ -2,9 +2,11 @@
 
 `train(config)` runs a whole training job; `Trainer` builds its parts and runs `_loop`, which reads top to
 bottom: a step, the counters, logging, evaluation, checkpoints, the stop check. Each concern lives in its own
-file: the step's arithmetic in step.py, resuming and saving in checkpointer.py (single process, DDP and FSDP
-behind one interface), held-out loss in evaluation.py, metric sinks in logging.py, SIGTERM/SIGINT in
-signals.py, process groups and model wrapping in distributed.py.
+file: the step's arithmetic in step.py, the optimizers and schedule in optim.py, the trainer's own state (counters,
+data position, loss scale, generators) in state.py, resuming and saving in checkpointer.py (single process, DDP
+and FSDP behind one interface), held-out loss in evaluation.py, metric sinks in logging.py, SIGTERM/SIGINT in
+signals.py, process groups and model wrapping in distributed.py. What a model needs around a step (MoC balancing,
+IRL analysis) is the model's own hooks: nothing here names a layer type.
 
 Exact resume: the checkpoint holds the data loader position and every generator's state, and each step
 consumes exactly `gradient_accumulation_steps` batches, so a resumed run sees the batches and computes the
@@ -262,7 +264,8 @@ class Trainer:
     def train_step(self, step: int, analyze: bool = None) -> dict:
         """One optimizer step at index `step` (0-based). Returns floats averaged over ranks.
 
-        `analyze` adds the IRL analysis metrics (gradient hooks, update cosines); None: on log steps only.
+        `analyze` adds the model's analysis metrics (`model.analysis()`: IRL state gradient norms and update
+        cosines); None: on log steps only.
         """
         cfg, device, world = self.config, self.info.device, self.info.world_size
         lr = lr_at(step, cfg)
@@ -293,9 +296,9 @@ class Trainer:
 
     def run(self) -> TrainResult:
         if self.state.step >= self.config.max_steps:
-            self.logger.message(f"{self.out_dir}: already at step {self.step} of max_steps {self.config.max_steps}; "
-                                f"nothing to do (raise --max_steps to train further).")
-            return TrainResult(self.step, "already-finished", self.resumed_from)
+            self.logger.message(f"{self.out_dir}: already at step {self.state.step} of max_steps "
+                                f"{self.config.max_steps}; nothing to do (raise --max_steps to train further).")
+            return TrainResult(self.state.step, "already-finished", self.resumed_from)
         with self.signals:
             return self._loop()
 
