@@ -62,8 +62,9 @@ def kill_tree(pid: int) -> None:
             pass
 
 
-# Inductor's compile workers are a pool torch keeps for the life of the test process, on purpose.
-EXPECTED = ("compile_worker",)
+# Helpers that live as long as the test process, on purpose: inductor's compile-worker pool, and multiprocessing's
+# resource tracker and fork server (started by the first torch.multiprocessing spawn).
+EXPECTED = ("compile_worker", "multiprocessing.resource_tracker", "multiprocessing.forkserver")
 
 
 def leftover_processes() -> list:

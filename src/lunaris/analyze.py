@@ -18,7 +18,7 @@ from lunaris.errors import LunarisError
 from lunaris.evaluate import evaluate, load_held_out
 from lunaris.fileio import atomic_write_json
 from lunaris.metrics import IRL_UPDATE_COSINE, IRL_UPDATE_NORM, match, template_of
-from lunaris.model.layers import IRLProbe, ReasoningFeedForward
+from lunaris.model.layers import ReasoningFeedForward
 from lunaris.model.moc import MoCLayer
 
 
@@ -86,7 +86,7 @@ def analyze(model, dataset, batch_size: int, max_batches: int = None) -> dict:
     """The analysis of an eval-mode model on the first `max_batches` batches of a ShardDataset (JSON-ready)."""
     layers = irl_layers(model)
     steps = max((module.steps for _, _, _, module in layers), default=1)
-    with recorded_irl_stats(layers) as recorded, IRLProbe():   # the model as trained: S steps
+    with recorded_irl_stats(layers) as recorded, model.analysis():   # the model as trained: S steps
         full = evaluate(model, dataset, batch_size, max_batches)
     losses = {steps: full}
     for s in range(1, steps):

@@ -1,4 +1,5 @@
-"""IRL analysis metrics (layers.IRLProbe): successive-update cosines and state gradient norms, by hand."""
+"""IRL analysis metrics (layers.IRLProbe, opened by `LunarisCodex.analysis()`): successive-update cosines and state
+gradient norms, by hand."""
 
 import torch
 from conftest import tiny_model_config
@@ -24,10 +25,9 @@ def test_cosines_and_gradient_norms_equal_the_hand_computed_values():
     W, x, c, alpha = linear_case()
     site = object()
     stats = {}
-    with IRLProbe() as probe:
-        h = irl_iterate(lambda z: z @ W, x.clone().requires_grad_(), 3, alpha, stats, site=site)
-        (c * h).sum().backward()
-    assert IRLProbe.current is None
+    probe = IRLProbe()
+    h = irl_iterate(lambda z: z @ W, x.clone().requires_grad_(), 3, alpha, stats, site=site, probe=probe)
+    (c * h).sum().backward()
     # by hand: u1 = a·xW, h1 = u1; u2 = a·(h1 + x)W, h2 = h1 + u2; u3 = a·(h2 + x)W
     u1 = alpha * x @ W
     u2 = alpha * (u1 + x) @ W
@@ -49,12 +49,12 @@ def test_cosines_and_gradient_norms_equal_the_hand_computed_values():
 def test_gradient_norms_agree_with_autograd_and_combine_micro_batches_and_layers():
     W, x, c, alpha = linear_case()
     site_a, site_b = object(), object()
-    with IRLProbe() as probe:
-        for rows in (slice(0, 2), slice(2, 3)):     # layer a: two micro-batches of the same layer
-            h = irl_iterate(lambda z: z @ W, x[rows].clone().requires_grad_(), 2, alpha, {}, site=site_a)
-            (c[rows] * h).sum().backward()
-        h = irl_iterate(lambda z: z @ W, x.clone().requires_grad_(), 2, alpha, {}, site=site_b)
-        (2 * c * h).sum().backward()                # layer b: one batch, twice the loss
+    probe = IRLProbe()
+    for rows in (slice(0, 2), slice(2, 3)):         # layer a: two micro-batches of the same layer
+        h = irl_iterate(lambda z: z @ W, x[rows].clone().requires_grad_(), 2, alpha, {}, site=site_a, probe=probe)
+        (c[rows] * h).sum().backward()
+    h = irl_iterate(lambda z: z @ W, x.clone().requires_grad_(), 2, alpha, {}, site=site_b, probe=probe)
+    (2 * c * h).sum().backward()                    # layer b: one batch, twice the loss
 
     def state_grads(scale):  # dL/dh_1, dL/dh_2 of the whole batch by autograd, the recurrence written out
         x_ = x.clone().requires_grad_()
@@ -75,13 +75,13 @@ def test_without_a_probe_nothing_is_added_and_without_grad_only_cosines():
     stats = {}
     irl_iterate(lambda z: z @ W, x.requires_grad_(), 3, alpha, stats)
     assert set(stats) == {f"irl/update_norm_step{t}" for t in (1, 2, 3)}
-    with IRLProbe() as probe, torch.no_grad():
+    probe = IRLProbe()
+    with torch.no_grad():
         stats = {}
-        irl_iterate(lambda z: z @ W, x, 3, alpha, stats)
+        irl_iterate(lambda z: z @ W, x, 3, alpha, stats, probe=probe)
     assert "irl/step3_update_cosine" in stats and probe.squares == {} and probe.grad_norms() == {}
-    with IRLProbe():                                # one step: nothing iterates, nothing is recorded
-        stats = {}
-        irl_iterate(lambda z: z @ W, x, 1, 1.0, stats)
+    stats = {}
+    irl_iterate(lambda z: z @ W, x, 1, 1.0, stats, probe=probe)   # one step: nothing iterates, nothing is recorded
     assert stats == {}
 
 
@@ -97,10 +97,13 @@ def test_dense_and_moc_layers_report_per_step_metrics_under_a_probe():
     dense = ReasoningFeedForward(tiny_model_config(n_reasoning_steps=3))
     moc = MoCLayer(tiny_model_config(n_reasoning_steps=2, n_experts=4, top_k=2, capacity_factor=1.0), 0)
     x = torch.randn(2, 6, 64)
-    with IRLProbe() as probe:
+    with IRLProbe(dense, moc) as probe:                         # attached to these modules' IRL only
+        assert dense.irl_probe is probe and moc.experts.irl_probe is probe
         (y, _, stats) = dense(x)
         (z, _, moc_stats) = moc(x)
         (y.square().sum() + z.square().sum()).backward()
+    assert dense.irl_probe is None and moc.experts.irl_probe is None
+    assert "irl/step2_update_cosine" not in dense(x)[2]         # closed: nothing recorded
     assert {"irl/step2_update_cosine", "irl/step3_update_cosine"} <= stats.keys()
     assert "irl/step2_update_cosine" in moc_stats
     assert all(-1.0 <= v.item() <= 1.0 for k, v in {**stats, **moc_stats}.items() if k.endswith("cosine"))
@@ -108,3 +111,14 @@ def test_dense_and_moc_layers_report_per_step_metrics_under_a_probe():
     assert sorted(norms) == ["irl/step1_grad_norm", "irl/step2_grad_norm", "irl/step3_grad_norm"]
     assert len(probe.squares) == 3 + 2                          # dense: 3 states, experts: 2
     assert all(v.item() > 0 for v in norms.values())
+    assert probe.metrics(2.0) == {k: v / 2.0 for k, v in norms.items()}   # what the training step reads
+
+
+def test_a_probe_opened_through_one_model_leaves_another_alone():
+    from lunaris import LunarisCodex
+    config = tiny_model_config(n_reasoning_steps=2)
+    watched, other = LunarisCodex(config), LunarisCodex(config)
+    idx = torch.randint(0, 128, (1, 8))
+    with watched.analysis():
+        assert "irl/step2_update_cosine" in watched(idx, idx).metrics
+        assert "irl/step2_update_cosine" not in other(idx, idx).metrics

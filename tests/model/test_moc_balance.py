@@ -8,7 +8,7 @@ from conftest import tiny_model_config
 
 from lunaris import LunarisCodex
 from lunaris.config import LunarisCodexConfig
-from lunaris.model.moc import MoCLayer
+from lunaris.model.moc import ExpertBalance, MoCLayer
 from lunaris.train import step as steps
 
 
@@ -128,8 +128,9 @@ def test_the_training_step_counts_every_micro_batch_then_updates_and_resets(monk
     config = tiny_model_config(n_experts=4, top_k=2, load_balance="bias", balance_bias_rate=0.25)
     model = LunarisCodex(config).train()
     optimizer = model.configure_optimizers(0.0, 1e-3)
-    layers = steps.balance_layers(model)
-    assert len(layers) == 2
+    (hook,) = model.training_hooks()
+    layers = hook.layers
+    assert len(layers) == 2 and all(isinstance(layer, MoCLayer) for layer in layers)
     for layer in layers:
         layer.balance_counts.fill_(1000)                               # a stray forward's counts are forgotten
     batches = [(torch.randint(0, 128, (2, 8)), torch.randint(0, 128, (2, 8))) for _ in range(2)]
@@ -152,6 +153,28 @@ def test_the_training_step_counts_every_micro_batch_then_updates_and_resets(monk
 def test_a_skipped_step_leaves_the_bias_alone():
     model = LunarisCodex(tiny_model_config(n_experts=4, top_k=2, load_balance="bias")).train()
     model(torch.randint(0, 128, (2, 8)))
-    steps.balance_experts(model, apply=False)
+    (hook,) = model.training_hooks()
+    steps.after_update([hook], applied=False)
     assert all(torch.equal(layer.balance_bias, torch.zeros(4)) and layer.balance_counts.sum() == 0
-               for layer in steps.balance_layers(model))
+               for layer in hook.layers)
+
+
+def test_only_bias_balanced_models_have_a_training_hook_and_it_sums_loads_in_one_call():
+    assert LunarisCodex(tiny_model_config(n_experts=4, top_k=2)).training_hooks() == []   # aux_loss
+    assert LunarisCodex(tiny_model_config()).training_hooks() == []                        # dense
+    model = LunarisCodex(tiny_model_config(n_experts=4, top_k=2, load_balance="bias", balance_bias_rate=0.5))
+    (hook,) = model.training_hooks()
+    assert isinstance(hook, ExpertBalance)
+    for layer, counts in zip(hook.layers, ([4, 0, 0, 0], [0, 0, 0, 4])):
+        layer.balance_counts.copy_(torch.tensor(counts))
+    calls = []
+
+    def doubled(tensor):                              # as if a second process had seen the same load
+        calls.append(tensor.shape)
+        return tensor.mul_(2)
+
+    hook.after_update(True, doubled)
+    assert calls == [(2, 4)]                          # every layer's loads in one reduction
+    assert torch.equal(hook.layers[0].balance_bias, torch.tensor([-0.5, 0.5, 0.5, 0.5]))
+    assert torch.equal(hook.layers[1].balance_bias, torch.tensor([0.5, 0.5, 0.5, -0.5]))
+    assert all(layer.balance_counts.sum() == 0 for layer in hook.layers)

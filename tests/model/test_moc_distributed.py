@@ -27,11 +27,15 @@ def moc_config() -> LunarisCodexConfig:
 
 
 def force_idle_expert(model: LunarisCodex) -> None:
-    """Router rows v, -v, 0: one of the first two logits is always positive, so top-1 never picks expert 2."""
+    """Router rows v, -v, 0: one of the first two logits is always positive, so top-1 never picks expert 2.
+
+    v is long (10·N(0, 1)) so that the few AdamW steps of the test (lr 1e-3, which move expert 2's row by the
+    aux losses' gradient) cannot lift expert 2's logit above |v·x| for any token.
+    """
     with torch.no_grad():
         for block in model.blocks:
             weight = block.ffn.router.weight                     # (E, D)
-            direction = torch.randn(weight.shape[1], generator=torch.Generator().manual_seed(1))
+            direction = 10 * torch.randn(weight.shape[1], generator=torch.Generator().manual_seed(1))
             weight.copy_(torch.stack([direction, -direction, torch.zeros_like(direction)]))
 
 

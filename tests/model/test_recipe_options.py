@@ -86,7 +86,8 @@ def test_cached_and_static_decoding_with_qk_norm_equal_the_forward(overrides):
 
 
 def test_qk_norm_weights_go_to_the_no_decay_adamw_group_never_to_muon():
-    from lunaris.train.optim import build_optimizer, muon_parameters
+    from lunaris.train.muon import muon_parameters
+    from lunaris.train.optim import build_optimizer
     model = LunarisCodex(tiny_model_config(qk_norm=True))
     names = {id(p): n for n, p in model.named_parameters()}
     qk = {n for n in names.values() if "q_norm" in n or "k_norm" in n}
@@ -111,8 +112,8 @@ def test_zero_init_out_zeroes_exactly_the_residual_output_projections(overrides)
     default = LunarisCodex(tiny_model_config(**overrides))
     torch.manual_seed(0)
     model = LunarisCodex(tiny_model_config(zero_init_out=True, **overrides))
-    residual = {f"{name}.weight" for name, module in model.named_modules() if getattr(module, "residual_out", False)}
-    residual |= {name for name, _ in model.named_parameters() if name.endswith("experts.down")}
+    residual = {f"{name}.{param}" for name, module in model.named_modules()
+                for param in getattr(module, "residual_out", ())}
     assert any("attn.proj" in n for n in residual) and any("ffn" in n and "down" in n for n in residual)
     if overrides:
         assert any("experts.down" in n for n in residual)

@@ -3,11 +3,11 @@ any effect on the training itself."""
 
 import math
 
+from lunaris import LunarisCodex
 from lunaris.cli import main as cli_main
 from lunaris.model.layers import IRLProbe
 from lunaris.plot import panels_for, read_metrics
 from lunaris.train import Trainer, train
-from lunaris.train import step as steps
 
 IRL = {"n_reasoning_steps": 3, "n_experts": 4, "top_k": 2, "moc_every": 2}   # layer 0 dense IRL, layer 1 MoC
 NEW_KEYS = {"irl/step2_update_cosine", "irl/step3_update_cosine", "irl/step1_grad_norm", "irl/step2_grad_norm",
@@ -22,7 +22,7 @@ def test_analysis_metrics_are_logged_on_log_steps_only(tmp_path, train_config, h
             opened.append(True)
             return super().__enter__()
 
-    monkeypatch.setattr(steps, "IRLProbe", CountingProbe)
+    monkeypatch.setattr(LunarisCodex, "analysis", lambda model: CountingProbe(model))
     config = train_config(tmp_path, model=IRL, max_steps=5, log_interval=2, gradient_accumulation_steps=2)
     trainer = Trainer(config)
     analyzed, original = [], trainer.train_step

@@ -9,7 +9,8 @@ from conftest import tiny_model_config
 from lunaris import LunarisCodex, TrainConfig
 from lunaris.errors import ConfigError
 from lunaris.train import Trainer, train
-from lunaris.train.optim import CombinedOptimizer, Muon, build_optimizer, lr_at, muon_parameters, newton_schulz
+from lunaris.train.muon import Muon, muon_parameters, newton_schulz
+from lunaris.train.optim import OPTIMIZERS, CombinedOptimizer, build_optimizer, lr_at
 
 # the reference implementation our Muon is checked against (torch >= 2.9); our Muon itself runs on any torch
 needs_torch_muon = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
@@ -40,9 +41,9 @@ def test_muon_takes_the_hidden_matrices_and_adamw_everything_else():
 @pytest.mark.parametrize("stacked", [False, True], ids=["matrix", "stacked-experts"])
 def test_our_muon_updates_each_matrix_like_torch_muon(stacked, monkeypatch):
     torch.manual_seed(0)
-    import lunaris.train.optim as optim_module
-    real = optim_module.newton_schulz  # torch's runs in bf16 on every device: compare in bf16
-    monkeypatch.setattr(optim_module, "newton_schulz", lambda g, steps, dtype: real(g, steps, torch.bfloat16))
+    import lunaris.train.muon as muon_module
+    real = muon_module.newton_schulz  # torch's runs in bf16 on every device: compare in bf16
+    monkeypatch.setattr(muon_module, "newton_schulz", lambda g, steps, dtype: real(g, steps, torch.bfloat16))
     if stacked:
         ours_param = torch.nn.Parameter(torch.randn(3, 8, 12))                     # (E, in, out)
         singles = [torch.nn.Parameter(ours_param.detach()[e].T.clone()) for e in range(3)]  # (out, in)
@@ -133,3 +134,49 @@ def test_optimizer_and_schedule_settings_are_checked():
     assert any("muon_lr must be positive" in p for p in problems)
     with pytest.raises(ConfigError, match="use parallelism: ddp with muon"):
         TrainConfig(optimizer="muon", parallelism="fsdp").validate()
+
+
+def test_the_registry_offers_exactly_the_configs_optimizer_choices():
+    import lunaris.config as config_module
+    choices = config_module.choices("optimizer") if hasattr(config_module, "choices") else config_module.OPTIMIZERS
+    assert set(OPTIMIZERS) == set(choices)
+    model = LunarisCodex(tiny_model_config())
+    for name, factory in OPTIMIZERS.items():     # every factory builds an optimizer over every trainable parameter
+        optimizer = factory(model, TrainConfig(model=model.config, optimizer=name), "cpu")
+        seen = [id(p) for group in optimizer.param_groups for p in group["params"]]
+        assert sorted(seen) == sorted(id(p) for p in model.parameters()) and all("lr_scale" in g
+                                                                                 for g in optimizer.param_groups)
+
+
+def test_adamw_groups_keep_the_models_parameter_order_and_configure_optimizers_is_the_same_optimizer():
+    model = LunarisCodex(tiny_model_config(n_experts=4, top_k=2, tie_embeddings=False))
+    built = build_optimizer(model, TrainConfig(model=model.config), "cpu")
+    alias = model.configure_optimizers(weight_decay=0.1, learning_rate=3e-4)
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = list(names.values())
+    for a, b in zip(built.param_groups, alias.param_groups, strict=True):
+        assert a["name"] == b["name"] and [names[id(p)] for p in a["params"]] == [names[id(p)] for p in b["params"]]
+        listed = [names[id(p)] for p in a["params"]]
+        assert listed == sorted(listed, key=order.index)    # the checkpoint's state order: as named_parameters
+    decay = {g["name"]: [names[id(p)] for p in g["params"]] for g in built.param_groups}["decay"]
+    assert decay[0] == "wte.weight" and decay[-1] == "lm_head.weight"
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_resumed_run_takes_every_groups_hyperparameters_from_the_current_config(tmp_path, train_config, optimizer):
+    model = {"n_experts": 4, "top_k": 2}
+    train(train_config(tmp_path, model=model, optimizer=optimizer, max_steps=2))
+    changed = dict(router_lr_scale=0.25, beta1=0.8, beta2=0.99, weight_decay=0.05, muon_lr=0.01, muon_momentum=0.9)
+    trainer = Trainer(train_config(tmp_path, model=model, optimizer=optimizer, max_steps=3, **changed))
+    try:
+        groups = {g["name"]: g for g in trainer.optimizer.param_groups}
+        assert groups["router"]["lr_scale"] == 0.25 and groups["decay"]["weight_decay"] == 0.05
+        assert all(groups[n]["betas"] == (0.8, 0.99) for n in ("decay", "no_decay", "router"))
+        if optimizer == "muon":
+            assert groups["muon"]["momentum"] == 0.9 and groups["muon"]["lr_scale"] == pytest.approx(0.01 / 3e-3)
+            assert groups["muon"]["weight_decay"] == pytest.approx(0.05 * 3e-3 / 0.01)
+        state = trainer.optimizer.state                     # the moments are the checkpoint's
+        assert state and all(float(s["step"]) == 2 for s in state.values() if "step" in s)
+        assert trainer.run().step == 3
+    finally:
+        trainer.close()

@@ -158,7 +158,7 @@ def test_schedule_keeps_router_lr_scale_through_warmup_and_decay(train_config, t
 def test_non_finite_loss_skips_updates_and_stops_after_max_bad_steps(tmp_path, train_config, helpers):
     trainer = Trainer(train_config(tmp_path, max_steps=10, max_bad_steps=3, warmup_steps=1))
     poisoned_steps = {3, 4, 6, 7, 8}                   # 1-based: two bad, one good, then three bad
-    real_model, step_of_call = trainer.model, {"step": 0}
+    real_model, step_of_call = trainer.wrapped.call, {"step": 0}
 
     def poisoned_model(x, y):
         out = real_model(x, y)
@@ -166,13 +166,13 @@ def test_non_finite_loss_skips_updates_and_stops_after_max_bad_steps(tmp_path, t
             return out._replace(main_loss=out.main_loss * float("nan"))
         return out
 
-    trainer.model = poisoned_model
+    trainer.wrapped.call = poisoned_model
     snapshots, original_step = {}, trainer.train_step
 
     def step(index):
         step_of_call["step"] = index + 1
         result = original_step(index)
-        snapshots[index + 1] = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
+        snapshots[index + 1] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
         return result
 
     trainer.train_step = step
@@ -370,3 +370,23 @@ def test_the_run_says_how_many_epochs_it_takes_and_warns_when_it_repeats_the_dat
         steps_per_epoch = trainer.loader.batches_per_epoch  # no accumulation
         assert f"{max_steps} steps = {max_steps / steps_per_epoch:.2f} epochs" in lines[1]
         assert any(line.startswith("warning: the run passes over its training data") for line in lines) == warned
+
+
+def test_the_trainer_state_is_the_checkpoints_trainer_part(tmp_path, train_config):
+    from lunaris.train.checkpoint import load_checkpoint_file
+    documented = {"scaler", "step", "epoch", "data_state", "rng", "config", "bad_steps", "tokens_seen",
+                  "train_seconds", "world_size", "lunaris_version"}          # README, "Checkpoints and resume"
+    train(train_config(tmp_path, max_steps=3))
+    saved = load_checkpoint_file(tmp_path)
+    assert set(saved) == documented | {"model", "optimizer"}
+    trainer = Trainer(train_config(tmp_path, max_steps=5))
+    try:
+        state = trainer.state
+        assert (state.step, state.tokens_seen, state.bad_steps) == (3, saved["tokens_seen"], 0) and trainer.step == 3
+        assert state.train_seconds == saved["train_seconds"] > 0
+        again = state.state_dict()
+        assert set(again) == documented
+        assert again["data_state"] == saved["data_state"] and again["rng"][0]["python"] == saved["rng"][0]["python"]
+        assert torch.equal(again["rng"][0]["torch"], saved["rng"][0]["torch"])
+    finally:
+        trainer.close()

@@ -79,7 +79,7 @@ class CausalSelfAttention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
         self.qkv = nn.Linear(config.d_model, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
         self.proj = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=False)
-        self.proj.residual_out = True  # depth-scaled init
+        self.proj.residual_out = ("weight",)  # a residual output projection: depth-scaled init
         self.dropout = config.dropout
         # qk_norm: RMSNorm per head over head_dim on queries and keys, before rotary (the Qwen3 layout)
         self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None

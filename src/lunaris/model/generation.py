@@ -8,6 +8,7 @@ per-step host read is whether every row has finished.
 
 import time
 import warnings
+from contextlib import contextmanager
 
 import torch
 
@@ -99,6 +100,7 @@ def generate_tokens(model, idx, max_new_tokens: int, temperature: float = 1.0, t
         rows.append(torch.cat([torch.as_tensor(prompt, dtype=torch.long, device=device).reshape(-1), row]))
     return rows
 
+
 @torch.no_grad()
 def stream_tokens(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int = None,
                     top_p: float = None, eos_token_id: int = None, generator: torch.Generator = None, *,
@@ -128,21 +130,13 @@ def stream_tokens(model, idx, max_new_tokens: int, temperature: float = 1.0, top
     options = decode_compile_options(model, compile, steps)
     stats = {} if stats is None else stats
     stats.update(compiled=options is not None, compile_s=0.0)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         length = T + steps if options is None else static_cache_length(T + steps, limit)
         caches = generation_caches(model, B, length, options)
-        prompt_mask = key_ok = pad_column = None
-        if pad is not None:
-            key_ok = torch.arange(length, device=device) >= pad[:, None]             # (B, S) not padding
-            pad_column = pad[:, None]                                                # (B, 1)
-            causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-            own = torch.eye(T, dtype=torch.bool, device=device)  # a padding query sees itself: no empty row
-            prompt_mask = (causal & (key_ok[:, None, :T] | own))[:, None]           # (B, 1, T, T)
-            positions = (torch.arange(T, device=device) - pad_column).clamp(min=0)   # (B, T)
+        prompt_mask, positions, key_ok = padding_masks(pad, T, length, device)
+        pad_column = None if pad is None else pad[:, None]                        # (B, 1)
         logits = model(idx, caches=caches, last_logits_only=True, attn_mask=prompt_mask,
-                      positions=None if pad is None else positions).logits[:, -1]     # (B, vocab)
+                       positions=positions).logits[:, -1]                          # (B, vocab)
         step_fn = compiled_decode_step(options) if options is not None else None
         cudagraphs = options is not None and options.get("mode") in ("reduce-overhead", "max-autotune")
         slot = torch.full((1,), T, dtype=torch.long, device=device)
@@ -160,19 +154,42 @@ def stream_tokens(model, idx, max_new_tokens: int, temperature: float = 1.0, top
             if step_fn is None:
                 logits = model.decode_step(token, slot, caches, pad_column, key_ok, length=T + step + 1)
             else:
-                if cudagraphs:
-                    torch.compiler.cudagraph_mark_step_begin()
-                if step > 0:
-                    logits = step_fn(model, token, slot, caches, pad_column, key_ok)
-                else:
-                    logits, step_fn = first_compiled_step(model, step_fn, stats, token, slot, caches,
-                                                                pad_column, key_ok)
+                logits, step_fn = compiled_step(model, step_fn, step == 0, cudagraphs, stats, token, slot, caches,
+                                                pad_column, key_ok)
             slot += 1
         if steps < max_new_tokens:
             warnings.warn(f"generation stopped after {steps} of {max_new_tokens} new tokens: the sequence reached "
                           f"the model's context limit, max_seq_len={limit}.", stacklevel=2)
+
+
+@contextmanager
+def eval_mode(model):
+    """The model in eval mode (dropout off, MoC dropless) while the block runs; its previous mode restored after
+    (also when a generator using it is closed early)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
     finally:
         model.train(was_training)
+
+
+def padding_masks(pad, T: int, length: int, device) -> tuple:
+    """For left-padded prompts (pad (B,) long; None: nothing padded, all three None): the prompt pass's attention
+    mask (B, 1, T, T) bool and rotary positions (B, T), and the cache positions that are not padding (B, length).
+
+    Row b's tokens sit at positions 0.. after its pad[b] padding slots, exactly where they would be alone; a
+    padding query sees itself, so no attention row is empty.
+    """
+    if pad is None:
+        return None, None, None
+    key_ok = torch.arange(length, device=device) >= pad[:, None]             # (B, S) not padding
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    own = torch.eye(T, dtype=torch.bool, device=device)
+    prompt_mask = (causal & (key_ok[:, None, :T] | own))[:, None]           # (B, 1, T, T)
+    positions = (torch.arange(T, device=device) - pad[:, None]).clamp(min=0)  # (B, T)
+    return prompt_mask, positions, key_ok
+
 
 def decode_compile_options(model, compile, steps: int):
     """torch.compile options for the decode step of a generation of `steps` steps, or None to decode eagerly.
@@ -219,6 +236,17 @@ def generation_caches(model, batch: int, length: int, options) -> list:
             torch._dynamo.mark_static_address(cache.v, guard=False)
     return pool[key]
 
+
+def compiled_step(model, step_fn, first: bool, cudagraphs: bool, stats: dict, *args):
+    """One compiled decode step: (logits (B, vocab), the step function for the next step). With CUDA graphs each
+    call starts a new graph step; the first call compiles (first_compiled_step: None next if that failed)."""
+    if cudagraphs:
+        torch.compiler.cudagraph_mark_step_begin()
+    if first:
+        return first_compiled_step(model, step_fn, stats, *args)
+    return step_fn(model, *args), step_fn
+
+
 def first_compiled_step(model, step_fn, stats: dict, *args):
     """The first compiled step (compilation happens here, timed into stats); eager if compilation fails."""
     start = time.perf_counter()
@@ -227,7 +255,7 @@ def first_compiled_step(model, step_fn, stats: dict, *args):
     except Exception as exc:  # a backend that cannot compile this model: decode eagerly, say so
         reason = " ".join(str(exc).split("\n\n")[0].split())  # its first paragraph, on one line
         warnings.warn(f"torch.compile of the decode step failed ({type(exc).__name__}: {reason}); decoding "
-                      f"eagerly instead.", stacklevel=3)
+                      f"eagerly instead.", stacklevel=4)
         stats["compiled"] = False
         token, slot, caches, pad, key_ok = args
         return model.decode_step(token, slot, caches, pad, key_ok, length=int(slot) + 1), None

@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lunaris.metrics import IRL_GRAD_NORM, IRL_UPDATE_COSINE, IRL_UPDATE_NORM
+
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32 and cast back, with a learnable weight and (optionally) bias."""
@@ -74,7 +76,7 @@ class SwiGLU(nn.Module):
         super().__init__()
         self.gate_up = nn.Linear(d_model, 2 * hidden, bias=False)
         self.down = nn.Linear(hidden, d_model, bias=False)
-        self.down.residual_out = True  # depth-scaled init
+        self.down.residual_out = ("weight",)  # a residual output projection: depth-scaled init
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Two products with views of the fused weight rather than one (B, T, 2H) output split in two:
@@ -87,24 +89,30 @@ class SwiGLU(nn.Module):
 class IRLProbe:
     """The IRL analysis metrics of one training step: opened on log steps only, so other steps pay nothing.
 
-    While a probe is open (`with IRLProbe() as probe:` around a step's forward and backward passes), every
-    `irl_iterate` that records stats (steps > 1) also records `irl/step{t}_update_cosine` and, when autograd
-    records the forward, hooks each state h_t: the backward pass leaves the squared norm of dLoss/dh_t in the
-    probe, and `probe.grad_norms()` reads them afterwards. Hooks only read the gradient; nothing changes the
-    computation or draws random numbers.
+    `with IRLProbe(model) as probe:` (what `LunarisCodex.analysis()` returns) around a step's forward and backward
+    passes attaches the probe to every IRL module of `model` (each module holding an `irl_probe` attribute: dense
+    IRL FFNs, MoC experts) and detaches it on exit; nothing is global, so another model is never affected. While
+    attached, every `irl_iterate` of those modules that records stats (steps > 1) also records
+    `irl/step{t}_update_cosine` and, when autograd records the forward, hooks each state h_t: the backward pass
+    leaves the squared norm of dLoss/dh_t in the probe, and `probe.metrics()` reads them afterwards. Hooks only
+    read the gradient; nothing changes the computation or draws random numbers.
     """
 
-    current: "IRLProbe" = None   # the open probe, if any
-
-    def __init__(self):
+    def __init__(self, *models: nn.Module):
+        self.models = models
+        self.sites: list = []    # the IRL modules the probe is attached to while open
         self.squares: dict = {}  # (id of the IRL module, t) -> () fp32 sum of squared gradient norms
 
     def __enter__(self) -> "IRLProbe":
-        IRLProbe.current = self
+        self.sites = [m for model in self.models for m in model.modules() if hasattr(m, "irl_probe")]
+        for site in self.sites:
+            site.irl_probe = self
         return self
 
     def __exit__(self, *exc) -> None:
-        IRLProbe.current = None
+        for site in self.sites:
+            site.irl_probe = None
+        self.sites = []
 
     def watch(self, state: torch.Tensor, site, t: int) -> None:
         """Record |dLoss/d state|² into the probe when the backward pass reaches `state` (h_t of module `site`)."""
@@ -123,7 +131,12 @@ class IRLProbe:
         by_step: dict = {}
         for (_, t), square in self.squares.items():
             by_step.setdefault(t, []).append(square.sqrt())
-        return {f"irl/step{t}_grad_norm": torch.stack(norms).mean() / scale for t, norms in sorted(by_step.items())}
+        return {IRL_GRAD_NORM.format(step=t): torch.stack(norms).mean() / scale for t, norms in sorted(by_step.items())}
+
+    def metrics(self, loss_scale: float = 1.0) -> dict:
+        """What the analysis adds to the step's metrics once its backward passes are done (the training step reads
+        any model's analysis this way): the state gradient norms."""
+        return self.grad_norms(loss_scale)
 
 
 @torch.no_grad()
@@ -139,22 +152,23 @@ def update_cosine(previous: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
     return (cosine * valid).sum() / valid.sum().clamp_min(1)
 
 
-def irl_iterate(ffn, x: torch.Tensor, steps: int, alpha: float, stats: dict = None, site=None) -> torch.Tensor:
+def irl_iterate(ffn, x: torch.Tensor, steps: int, alpha: float, stats: dict = None, site=None,
+                probe: IRLProbe = None) -> torch.Tensor:
     """Iterative reasoning: h_0 = 0; h_t = h_{t-1} + alpha * ffn(h_{t-1} + x); returns h_S.
 
     With steps = 1 and alpha = 1 this is exactly ffn(x). When `stats` is given and steps > 1, records
     the relative update norm |h_t - h_{t-1}| / |x| of each step (detached) under `irl/update_norm_step{t}`.
-    While an IRLProbe is open it also records the cosine between successive updates h_t - h_{t-1} and
+    With a `probe` (an open IRLProbe) it also records the cosine between successive updates h_t - h_{t-1} and
     h_{t-1} - h_{t-2} (t >= 2, mean over tokens) under `irl/step{t}_update_cosine`, and hooks every h_t for the
     probe's gradient norms; `site` (default `ffn`) names the module these belong to.
     """
     h = ffn(x) if alpha == 1.0 else alpha * ffn(x)
-    probe = IRLProbe.current if stats is not None and steps > 1 else None
+    probe = probe if stats is not None and steps > 1 else None
     hook = probe is not None and h.requires_grad and torch.is_grad_enabled()
     site = ffn if site is None else site
     if stats is not None and steps > 1:
         x_norm = x.detach().float().norm().clamp_min(1e-12)
-        stats["irl/update_norm_step1"] = h.detach().float().norm() / x_norm
+        stats[IRL_UPDATE_NORM.format(step=1)] = h.detach().float().norm() / x_norm
     if hook:
         probe.watch(h, site, 1)
     previous = h  # the first update: h_1 - h_0 = h_1
@@ -162,9 +176,9 @@ def irl_iterate(ffn, x: torch.Tensor, steps: int, alpha: float, stats: dict = No
         update = alpha * ffn(h + x)
         h = h + update
         if stats is not None:
-            stats[f"irl/update_norm_step{t}"] = update.detach().float().norm() / x_norm
+            stats[IRL_UPDATE_NORM.format(step=t)] = update.detach().float().norm() / x_norm
         if probe is not None:
-            stats[f"irl/step{t}_update_cosine"] = update_cosine(previous, update)
+            stats[IRL_UPDATE_COSINE.format(step=t)] = update_cosine(previous, update)
             if hook:
                 probe.watch(h, site, t)
         previous = update
@@ -182,10 +196,11 @@ class ReasoningFeedForward(nn.Module):
         self.ffn = SwiGLU(config.d_model, hidden or config.ffn_hidden)
         self.steps = config.n_reasoning_steps
         self.alpha = config.irl_step_scale
+        self.irl_probe = None   # an open IRLProbe (log steps of training; analysis), else None
 
     def forward(self, x: torch.Tensor):
         stats: dict = {}
-        return irl_iterate(self.ffn, x, self.steps, self.alpha, stats), None, stats
+        return irl_iterate(self.ffn, x, self.steps, self.alpha, stats, probe=self.irl_probe), None, stats
 
     def matmul_params_per_token(self) -> int:
         """Weights each token multiplies through (for FLOP counting): 3·D·H per IRL step."""

@@ -17,7 +17,8 @@ One MoC layer replaces the FFN of a block (model.make_ffn). Read top to bottom:
 6. Auxiliary losses (fp32): load balance E·Σ f_i·P_i and router z-loss mean(logsumexp(logits)²).
    With `load_balance: bias` (auxiliary-loss-free, DeepSeek-V3) there is no load-balance loss: a per-expert
    bias is added to the logits to select the top-k (the gates stay the unbiased softmax), training forwards
-   count each expert's slots, and after every optimizer step the training loop calls `apply_balance`.
+   count each expert's slots, and after every optimizer step the model's training hook (`ExpertBalance`, which
+   `LunarisCodex.training_hooks()` hands to the training loop) calls `apply_balance`.
 
 Shapes: B batch, T time, N = B·T tokens, D d_model, H expert hidden size, E experts, K top_k,
 C capacity (slots per expert), R rows of the expert input buffer.
@@ -30,6 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lunaris.metrics import BIAS_SPREAD, DROP_RATE, EXPERT_UTIL, MAX_LOAD_RATIO, ROUTER_ENTROPY
+from lunaris.model.initialization import initialize
 from lunaris.model.layers import ReasoningFeedForward, RMSNorm, SwiGLU, irl_iterate
 
 # ---------------------------------------------------------------------------------------------
@@ -159,16 +162,15 @@ class StackedExperts(nn.Module):
     gradient: DDP with find_unused_parameters=False never waits for it.
     """
 
+    residual_out = ("down",)   # the residual output projection: depth-scaled init (initialization.py)
+
     def __init__(self, n_experts: int, d_model: int, hidden: int, steps: int, alpha: float):
         super().__init__()
         self.n_experts, self.d_model, self.hidden = n_experts, d_model, hidden
         self.steps, self.alpha = steps, alpha
         self.gate_up = nn.Parameter(torch.empty(n_experts, d_model, 2 * hidden))  # [E, D, 2H]: gate | up
         self.down = nn.Parameter(torch.empty(n_experts, hidden, d_model))         # [E, H, D]
-
-    def init_weights(self, std: float, residual_std: float):
-        nn.init.normal_(self.gate_up, 0.0, std)
-        nn.init.normal_(self.down, 0.0, residual_std)
+        self.irl_probe = None   # an open IRLProbe (log steps of training; analysis), else None
 
     def batched_swiglu(self, x: torch.Tensor) -> torch.Tensor:
         """x (E, C, D) -> (E, C, D): one batched matmul per projection."""
@@ -184,9 +186,10 @@ class StackedExperts(nn.Module):
         """x_rows (R, D) in the plan's layout -> expert outputs (R, D) after S IRL steps."""
         if plan.group_ends is not None:
             return irl_iterate(lambda z: self.grouped_swiglu(z, plan.group_ends), x_rows,
-                               self.steps, self.alpha, stats, site=self)
+                               self.steps, self.alpha, stats, site=self, probe=self.irl_probe)
         buffer = x_rows.view(self.n_experts, plan.capacity, self.d_model)      # (E, C, D)
-        return irl_iterate(self.batched_swiglu, buffer, self.steps, self.alpha, stats, site=self).view_as(x_rows)
+        return irl_iterate(self.batched_swiglu, buffer, self.steps, self.alpha, stats, site=self,
+                           probe=self.irl_probe).view_as(x_rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,7 +214,7 @@ class MHACollaboration(nn.Module):
         self.n_heads = config.collab_heads or config.n_heads
         self.qkv = nn.Linear(D, 3 * D, bias=False)
         self.out = nn.Linear(D, D, bias=False)
-        self.out.residual_out = True
+        self.out.residual_out = ("weight",)
         self.norm = RMSNorm(D, config.norm_eps)
         self.ffn = SwiGLU(D, D)   # its `down` is marked residual_out
         self.dropout = config.dropout
@@ -236,7 +239,7 @@ class SimpleCollaboration(nn.Module):
         self.qkm = nn.Linear(D, 3 * D, bias=False)          # W_q | W_k | W_m fused
         self.mlp_in = nn.Linear(2 * D, D, bias=False)
         self.mlp_out = nn.Linear(D, D, bias=False)
-        self.mlp_out.residual_out = True
+        self.mlp_out.residual_out = ("weight",)
         self.dropout = nn.Dropout(config.simple_collab_dropout)
 
     def forward(self, e: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -285,24 +288,9 @@ class MoCLayer(nn.Module):
         # "auto": grouped matmul where it works, else the padded batched matmul. Tests and the
         # benchmark set "grouped" or "padded" to compare the two.
         self.dispatch_backend = "auto"
-        std = 0.02
-        self.init_weights(std, std / math.sqrt(2 * config.n_layers))
-
-    def init_weights(self, std: float, residual_std: float):
-        """Normal(0, std) for the router, experts' gate/up and collaboration inputs; residual_std for
-        the experts' and shared experts' down and the collaboration output projections (called by
-        model.reset_parameters)."""
-        nn.init.normal_(self.router.weight, 0.0, std)
-        self.experts.init_weights(std, residual_std)
-        if self.shared is not None:
-            nn.init.normal_(self.shared.ffn.gate_up.weight, 0.0, std)
-            nn.init.normal_(self.shared.ffn.down.weight, 0.0, residual_std)
-        if self.collab is not None:
-            for module in self.collab.modules():
-                if isinstance(module, nn.Linear):
-                    nn.init.normal_(module.weight, 0.0, residual_std if getattr(module, "residual_out", False) else std)
-                elif isinstance(module, RMSNorm):
-                    nn.init.ones_(module.weight)
+        # A layer built alone (tests, benchmarks) gets the model's initialization here. Inside LunarisCodex it is
+        # built on the meta device, where this draws nothing: the model then draws each weight once, itself.
+        initialize(self, config)
 
     # ---- routing ----
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -393,13 +381,13 @@ class MoCLayer(nn.Module):
         layer = self.layer_idx
         fraction = plan.counts.float() / (n_tokens * self.top_k)               # (E,)
         for i in range(self.n_experts):
-            stats[f"experts/util_layer{layer}/e{i}"] = fraction[i]
-        stats[f"experts/drop_rate_layer{layer}"] = 1.0 - plan.keep.float().mean()
+            stats[EXPERT_UTIL.format(layer=layer, expert=i)] = fraction[i]
+        stats[DROP_RATE.format(layer=layer)] = 1.0 - plan.keep.float().mean()
         # entropy -Σ p·log p = logsumexp(logits) - Σ p·logits, from tensors the aux loss computed anyway
-        stats[f"experts/router_entropy_layer{layer}"] = (log_normalizer - (probs * logits).sum(-1)).mean()
-        stats[f"experts/max_load_ratio_layer{layer}"] = fraction.max() * self.n_experts
+        stats[ROUTER_ENTROPY.format(layer=layer)] = (log_normalizer - (probs * logits).sum(-1)).mean()
+        stats[MAX_LOAD_RATIO.format(layer=layer)] = fraction.max() * self.n_experts
         if self.load_balance == "bias":  # averaged over layers by merge_stats
-            stats["moc/bias_spread"] = self.balance_bias.max() - self.balance_bias.min()
+            stats[BIAS_SPREAD] = self.balance_bias.max() - self.balance_bias.min()
 
     # ---- auxiliary-loss-free balancing (load_balance: bias) ----
     @torch.no_grad()
@@ -408,8 +396,8 @@ class MoCLayer(nn.Module):
 
         counts (E,) are the slots routed to each expert over a whole optimizer step (every micro-batch, and
         every process: the caller sums them). An underloaded expert's bias rises, an overloaded one's falls;
-        only the sign of the imbalance counts, so the update is the same whatever the batch size. Called by the
-        training step after the optimizer update (lunaris.train.step.balance_experts), never in forward.
+        only the sign of the imbalance counts, so the update is the same whatever the batch size. Called after the
+        optimizer update by the model's training hook (ExpertBalance.after_update), never in forward.
         """
         load = counts.to(device=self.balance_bias.device, dtype=torch.float32)
         step = self.balance_bias_rate if rate is None else rate
@@ -417,7 +405,7 @@ class MoCLayer(nn.Module):
 
     @torch.no_grad()
     def reset_balance_counts(self) -> None:
-        """Forget the counted load (the training step calls it before its first micro-batch and after the update)."""
+        """Forget the counted load (ExpertBalance: before a step's first micro-batch and after the update)."""
         self.balance_counts.zero_()
 
     # ---- accounting ----
@@ -428,3 +416,39 @@ class MoCLayer(nn.Module):
         collab = sum(p.numel() for p in self.collab.parameters() if p.dim() >= 2) if self.collab is not None else 0
         shared = self.shared.matmul_params_per_token() if self.shared is not None else 0
         return self.d_model * self.n_experts + self.top_k * (self.experts.steps * expert + collab) + shared
+
+
+# ---------------------------------------------------------------------------------------------
+# Auxiliary-loss-free balancing as a training hook
+# ---------------------------------------------------------------------------------------------
+
+class ExpertBalance:
+    """The training hook of `load_balance: bias`: what the training loop runs around each optimizer step for
+    these MoC layers (the loop calls `before_step` / `after_update` of every hook the model hands it, and
+    names no layer type).
+
+    A step counts its own micro-batches only: `before_step` forgets loads counted by a probe forward or a failed
+    compiled attempt. `after_update` sums every layer's loads over processes in ONE all-reduce (the function
+    the caller passes: parallelism stays out of the model), so every rank applies the same update and the biases
+    stay identical; then it forgets them. A skipped update (non-finite loss) only forgets them.
+    """
+
+    def __init__(self, layers: list):
+        self.layers = layers      # the MoCLayers with load_balance: bias
+
+    @classmethod
+    def hooks_of(cls, model: nn.Module) -> list:
+        """[ExpertBalance over the bias-balanced MoC layers of `model`], or [] when it has none."""
+        layers = [m for m in model.modules() if isinstance(m, MoCLayer) and m.load_balance == "bias"]
+        return [cls(layers)] if layers else []
+
+    def before_step(self) -> None:
+        for layer in self.layers:
+            layer.reset_balance_counts()
+
+    def after_update(self, applied: bool, all_reduce_sum) -> None:
+        counts = all_reduce_sum(torch.stack([layer.balance_counts for layer in self.layers]))   # (layers, E)
+        for layer, layer_counts in zip(self.layers, counts):
+            if applied:
+                layer.apply_balance(layer_counts)
+            layer.reset_balance_counts()

@@ -2,11 +2,11 @@
 
 Read top to bottom: Block (pre-norm attention + pre-norm FFN), then the model (embedding, blocks,
 final norm, tied LM head), its loss, the one-token decode step (generation.py runs the decoding loop), FLOP
-count and optimizer groups; last, `model_from_checkpoint` (the model a checkpoint describes). Single-device
+count, what training asks of it (hooks, analysis, AdamW groups from param_groups.py); last,
+`model_from_checkpoint` (the model a checkpoint describes). Single-device
 code: parallelism, training compilation and precision are applied from outside (lunaris.train).
 """
 
-import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -17,7 +17,10 @@ from torch.utils.checkpoint import checkpoint
 from lunaris.config import LunarisCodexConfig, raise_problems
 from lunaris.model.attention import CausalSelfAttention, KVCache, decode_linear
 from lunaris.model.generation import decode_compile_options, generate_tokens, stream_tokens
-from lunaris.model.layers import ReasoningFeedForward, RMSNorm, RotaryEmbedding, irl_iterate
+from lunaris.model.initialization import initialize
+from lunaris.model.layers import IRLProbe, ReasoningFeedForward, RMSNorm, RotaryEmbedding, irl_iterate
+from lunaris.model.moc import ExpertBalance, MoCLayer
+from lunaris.model.param_groups import adamw
 
 
 class ModelOutput(NamedTuple):
@@ -31,7 +34,6 @@ class ModelOutput(NamedTuple):
 def make_ffn(config: LunarisCodexConfig, layer: int) -> nn.Module:
     """Dense IRL FFN, or a MoC layer where config.is_moc_layer(layer). Both return (y, aux, stats)."""
     if config.is_moc_layer(layer):
-        from lunaris.model.moc import MoCLayer
         return MoCLayer(config, layer)
     return ReasoningFeedForward(config)
 
@@ -104,35 +106,25 @@ class LunarisCodex(nn.Module):
         super().__init__()
         raise_problems(config.problems() + config.build_problems(), "model config")
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.d_model)
-        self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
-        self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layers))
-        self.norm = RMSNorm(config.d_model, config.norm_eps, bias=False)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        device = torch.get_default_device()
+        with torch.device("meta"):  # built without drawing a number: init_weights below draws each weight once
+            self.wte = nn.Embedding(config.vocab_size, config.d_model)
+            self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+            self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layers))
+            self.norm = RMSNorm(config.d_model, config.norm_eps, bias=False)
+            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.to_empty(device=device)  # storage on the default device (the rotary tables are computed there)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        self.reset_parameters()
+        self.init_weights()
 
     # ---- initialization ----
-    def reset_parameters(self):
-        """Normal(0, 0.02); residual output projections 0.02/sqrt(2·n_layers) (zero with zero_init_out); norms
-        weight 1, bias 0."""
-        std = 0.02
-        # zero_init_out: std 0 draws exact zeros (and the same random numbers, so every other weight is unchanged)
-        residual_std = 0.0 if self.config.zero_init_out else std / math.sqrt(2 * self.config.n_layers)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, 0.0, residual_std if getattr(module, "residual_out", False) else std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, 0.0, std)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif module is not self and hasattr(module, "init_weights"):
-                module.init_weights(std, residual_std)  # stacked expert weights, collaboration
+    def init_weights(self) -> None:
+        """Draw every weight once, in the order of `named_parameters`: Normal(0, 0.02); residual output projections
+        0.02/sqrt(2·n_layers) (zero with zero_init_out); norms weight 1, bias 0 (initialization.py)."""
+        initialize(self, self.config)
+
+    reset_parameters = init_weights   # the older name
 
     # ---- forward ----
     def forward(self, idx: torch.Tensor, targets: torch.Tensor = None, caches: list = None, start: int = 0,
@@ -186,6 +178,23 @@ class LunarisCodex(nn.Module):
         total = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), flat_targets,
                                 ignore_index=-1, reduction="sum")
         return total / (flat_targets != -1).sum().clamp_min(1)
+
+    # ---- what training asks of the model ----
+    def training_hooks(self) -> list:
+        """Model-specific work around each optimizer step, for a training loop that names no layer type.
+
+        Each hook has `before_step()` (before the step's first micro-batch) and `after_update(applied,
+        all_reduce_sum)` (right after the optimizer update, `applied` False when it was skipped; `all_reduce_sum`
+        sums a tensor over processes in place, the identity in one process). Today: MoC layers with
+        load_balance: bias move their routing bias by the step's expert load (moc.ExpertBalance).
+        """
+        return ExpertBalance.hooks_of(self)
+
+    def analysis(self) -> IRLProbe:
+        """The analysis metrics of one training step (the trainer's log steps): a context manager around the step's
+        forward and backward passes; `metrics(loss_scale)` of what it returns gives them afterwards. Today: the
+        IRL update cosines (in the model's metrics) and the gradient norms of the IRL states (layers.IRLProbe)."""
+        return IRLProbe(self)
 
     # ---- generation ----
     def new_kv_caches(self, batch: int, length: int) -> list:
@@ -268,33 +277,11 @@ class LunarisCodex(nn.Module):
     # ---- optimizer ----
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95),
                              device_type: str = "cpu", router_lr_scale: float = 0.5, exclude=frozenset()):
-        """AdamW with groups decay (>=2-D weights), no_decay (norms, biases), router (no decay, lr_scale).
-
-        Every group carries `lr_scale`; the trainer's schedule sets lr = schedule(step) * lr_scale.
-        Parameters whose id() is in `exclude` are left out (another optimizer, e.g. Muon, updates them).
-        """
-        groups = {"decay": [], "no_decay": [], "router": []}
-        for name, param in self.named_parameters():
-            if not param.requires_grad or id(param) in exclude:
-                continue
-            if "router" in name:
-                groups["router"].append(param)
-            elif param.dim() >= 2:
-                groups["decay"].append(param)
-            else:
-                groups["no_decay"].append(param)
-        settings = {"decay": (weight_decay, 1.0), "no_decay": (0.0, 1.0), "router": (0.0, router_lr_scale)}
-        param_groups = [
-            {"params": params, "name": name, "weight_decay": settings[name][0], "lr_scale": settings[name][1],
-             "lr": learning_rate * settings[name][1]}
-            for name, params in groups.items() if params
-        ]
-        # Fused AdamW (one kernel per step instead of ~10 passes over every tensor): on CUDA, and on CPU
-        # (torch >= 2.4, ~5x faster there) for plain tensors; FSDP's sharded DTensors on CPU keep the default.
-        plain = all(type(p.data) is torch.Tensor for group in param_groups for p in group["params"])
-        fused = device_type == "cuda" or (device_type == "cpu" and plain and torch.__version__ >= (2, 4))
-        extra = {"fused": True} if fused else {}
-        return torch.optim.AdamW(param_groups, lr=learning_rate, betas=tuple(betas), **extra)
+        """AdamW with groups decay (>=2-D weights), no_decay (norms, biases), router (no decay, lr_scale): the same
+        optimizer `optimizer: adamw` trains with. A thin alias of `param_groups.adamw` (which parameter is which
+        kind: model/param_groups.py); every group carries `lr_scale`, and parameters whose id() is in `exclude`
+        are left out."""
+        return adamw(self, weight_decay, learning_rate, betas, device_type, router_lr_scale, exclude)
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu") -> "LunarisCodex":

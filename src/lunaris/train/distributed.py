@@ -180,7 +180,8 @@ def params_without_grad(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
 def wrap_ddp(model: torch.nn.Module, info: DistInfo, find_unused: bool) -> DDP:
     # No buffer sync before each forward: the buffers are the rotary tables, identical on every rank by
     # construction, and MoC routing biases (load_balance: bias), which every rank updates identically from
-    # loads summed over ranks (step.balance_experts). (torch 2.13 renamed broadcast_buffers to forward_sync_buffers.)
+    # loads summed over ranks (the model's training hook, moc.ExpertBalance). (torch 2.13 renamed broadcast_buffers to
+    # forward_sync_buffers.)
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
                       else {"broadcast_buffers": False})

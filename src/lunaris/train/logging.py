@@ -27,6 +27,7 @@ import torch
 import yaml
 
 import lunaris
+from lunaris import metrics
 from lunaris.errors import LunarisError
 from lunaris.fileio import atomic_write_json, atomic_write_text
 from lunaris.runtime import DTYPE_NAMES, device_name, git_commit
@@ -40,26 +41,27 @@ def _finite_or_none(value):
     return value
 
 
-def format_console_line(step: int, max_steps: int, metrics: dict) -> str:
+def format_console_line(step: int, max_steps: int, values: dict) -> str:
     parts = [f"step {step}/{max_steps}"]
-    if "loss/total" in metrics:
-        parts.append(f"loss {metrics['loss/total']:.4f}")
-    if metrics.get("loss/aux"):
-        parts.append(f"aux {metrics['loss/aux']:.4f}")
-    if "lr" in metrics:
-        parts.append(f"lr {metrics['lr']:.2e}")
-    if "grad_norm" in metrics:
-        parts.append(f"grad_norm {metrics['grad_norm']:.3f}")
-    if "throughput/tokens_per_sec" in metrics:
-        parts.append(f"{metrics['throughput/tokens_per_sec']:,.0f} tok/s")
-    if "throughput/mfu" in metrics:
-        parts.append(f"mfu {100 * metrics['throughput/mfu']:.1f}%")
-    if "val/loss" in metrics:
-        parts.append(f"val_loss {metrics['val/loss']:.4f}")
-    accuracies = [f"{key[5:-4]} {value:.3f}" for key, value in metrics.items()
-                  if key.startswith("eval/") and key.endswith("/acc") and isinstance(value, float)]
+    if metrics.LOSS_TOTAL in values:
+        parts.append(f"loss {values[metrics.LOSS_TOTAL]:.4f}")
+    if values.get(metrics.LOSS_AUX):
+        parts.append(f"aux {values[metrics.LOSS_AUX]:.4f}")
+    if metrics.LR in values:
+        parts.append(f"lr {values[metrics.LR]:.2e}")
+    if metrics.GRAD_NORM in values:
+        parts.append(f"grad_norm {values[metrics.GRAD_NORM]:.3f}")
+    if metrics.TOKENS_PER_SEC in values:
+        parts.append(f"{values[metrics.TOKENS_PER_SEC]:,.0f} tok/s")
+    if metrics.MFU in values:
+        parts.append(f"mfu {100 * values[metrics.MFU]:.1f}%")
+    if metrics.VAL_LOSS in values:
+        parts.append(f"val_loss {values[metrics.VAL_LOSS]:.4f}")
+    prefix, suffix = metrics.TASK_ACC.split("{task}")      # eval/<task>/acc
+    accuracies = [f"{key[len(prefix):-len(suffix)]} {value:.3f}" for key, value in values.items()
+                  if key.startswith(prefix) and key.endswith(suffix) and isinstance(value, float)]
     if accuracies:  # eval_tasks, and what scoring them cost
-        parts.append(f"acc {', '.join(accuracies)} ({metrics.get('eval/tasks_seconds', 0.0):.1f} s)")
+        parts.append(f"acc {', '.join(accuracies)} ({values.get('eval/tasks_seconds', 0.0):.1f} s)")
     return " | ".join(parts)
 
 

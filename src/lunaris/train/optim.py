@@ -1,12 +1,13 @@
-"""Optimizers and the learning-rate schedule.
+"""Optimizers (a registry: name -> factory) and the learning-rate schedule.
 
-`optimizer: adamw` is AdamW over the model's groups (decay / no_decay / router). `optimizer: muon` is Muon
-(momentum orthogonalized by Newton-Schulz, `torch.optim.Muon`) for the hidden matrices of the blocks (attention,
-FFN, collaboration; each expert of a stacked expert weight separately) and AdamW for the rest (embeddings, LM
-head, norms, biases, router), stepped as one optimizer.
+`OPTIMIZERS` maps each `optimizer:` choice of the config to a factory `(model, config, device_type) -> optimizer`:
+`adamw` is AdamW over the model's groups (decay / no_decay / router; which parameter is which kind is the model's
+own grouping, lunaris.model.param_groups); `muon` is Muon (muon.py) for the hidden matrices of the blocks and AdamW
+for the rest, stepped as one `CombinedOptimizer`. A new optimizer is one factory here and one config choice.
 
 The schedule is applied as `group["lr"] = schedule(step) * group["lr_scale"]`, so each group's multiplier (the
-MoC router's 0.5x, Muon's muon_lr / learning_rate) survives every step.
+MoC router's 0.5x, Muon's muon_lr / learning_rate) survives every step. A resumed run keeps the loaded state
+(moments, step counts) and takes every group's hyperparameters from the current config (`load_state_only`).
 """
 
 import math
@@ -14,6 +15,8 @@ import math
 import torch
 
 from lunaris.config import TrainConfig
+from lunaris.model.param_groups import adamw
+from lunaris.train.muon import Muon, muon_parameters
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -45,82 +48,50 @@ def apply_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainConfig, device_type: str):
-    """The optimizer `config.optimizer` names, over the unwrapped LunarisCodex `model`.
+def build_adamw(model: torch.nn.Module, config: TrainConfig, device_type: str, exclude=frozenset()):
+    """AdamW over the model's groups: decay, no_decay, router (router_lr_scale); fused on CUDA. Parameters whose
+    id() is in `exclude` are another optimizer's."""
+    return adamw(model, config.weight_decay, config.learning_rate, (config.beta1, config.beta2), device_type,
+                 config.router_lr_scale, exclude)
 
-    adamw: the model's groups (decay / no_decay / router with router_lr_scale; fused on CUDA). muon: Muon for
-    the hidden matrices, AdamW for the rest, as one CombinedOptimizer.
-    """
-    adamw_args = dict(weight_decay=config.weight_decay, learning_rate=config.learning_rate,
-                      betas=(config.beta1, config.beta2), device_type=device_type,
-                      router_lr_scale=config.router_lr_scale)
-    if config.optimizer != "muon":
-        return model.configure_optimizers(**adamw_args)
+
+def build_muon(model: torch.nn.Module, config: TrainConfig, device_type: str):
+    """Muon for the hidden matrices, AdamW for the rest (embeddings, LM head, norms, biases, router)."""
     matrices = muon_parameters(model)
-    adamw = model.configure_optimizers(**adamw_args, exclude={id(p) for p in matrices})
     # decoupled weight decay per step as AdamW's (lr x wd), although Muon's lr is larger
     muon = Muon([{"params": matrices, "name": "muon", "lr_scale": config.muon_lr / config.learning_rate}],
                 lr=config.muon_lr, weight_decay=config.weight_decay * config.learning_rate / config.muon_lr,
                 momentum=config.muon_momentum)
-    return CombinedOptimizer({"adamw": adamw, "muon": muon})
+    return CombinedOptimizer({"adamw": build_adamw(model, config, device_type, {id(p) for p in matrices}),
+                              "muon": muon})
 
 
-def muon_parameters(model: torch.nn.Module) -> list:
-    """The hidden matrices of the blocks: 2-D weights (attention, FFN, collaboration) and 3-D stacked expert
-    weights; never the embedding, the LM head, norms, biases or the router."""
-    return [param for name, param in model.named_parameters()
-            if param.requires_grad and name.startswith("blocks.") and param.dim() >= 2 and "router" not in name]
+# config.optimizer -> factory(model, config, device_type): the one place an optimizer is added
+OPTIMIZERS = {"adamw": build_adamw, "muon": build_muon}
 
 
-class Muon(torch.optim.Optimizer):
-    """Muon: Nesterov momentum, orthogonalized by Newton-Schulz, then a shape-scaled step (torch.optim.Muon's
-    algorithm, coefficients and LR adjustment, which a test checks against it).
+def build_optimizer(model: torch.nn.Module, config: TrainConfig, device_type: str):
+    """The optimizer `config.optimizer` names (OPTIMIZERS), over the unwrapped LunarisCodex `model`."""
+    return OPTIMIZERS[config.optimizer](model, config, device_type)
 
-    Two differences from torch.optim.Muon, both measured or needed: stacked expert weights (E, in, out) are
-    orthogonalized one expert matrix at a time (torch's takes 2-D only), and the iteration runs in fp32 off CUDA
-    (bf16 matmuls are about 7x slower than fp32 on CPUs without AVX-512 BF16; on CUDA it runs in bf16 as torch's).
+
+# Group keys that describe how a loaded state is laid out (where AdamW keeps its step counts), not how to train:
+# they stay as loaded.
+LAYOUT_KEYS = ("params", "fused", "foreach", "capturable", "differentiable")
+
+
+def load_state_only(optimizer, load) -> None:
+    """`load()` a checkpoint's optimizer state into `optimizer`, keeping this run's hyperparameters.
+
+    Loading brings back the saved groups' settings; a user who changed `router_lr_scale`, betas, weight decay,
+    `muon_lr` or `muon_momentum` before resuming expects the new values. So every group's settings (lr_scale,
+    betas, weight_decay, momentum, ...: whatever the optimizer built for the current config holds) are put back
+    after loading, and only the state (moments, step counts) is the checkpoint's. No group is named here.
     """
-
-    def __init__(self, params, lr: float, weight_decay: float, momentum: float, ns_steps: int = 5):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                state = self.state[param]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(param)
-                buffer = state["momentum_buffer"]
-                buffer.lerp_(param.grad, 1 - group["momentum"])
-                update = param.grad.lerp(buffer, group["momentum"])             # Nesterov
-                # nn.Linear weights are (out, in); stacked expert weights (E, in, out): as (E, out, in)
-                stacked = param.dim() == 3
-                matrices = update.mT if stacked else update[None]               # (E, out, in)
-                compute = torch.bfloat16 if param.is_cuda else torch.float32
-                ortho = newton_schulz(matrices, group["ns_steps"], compute)
-                ortho = (ortho.mT if stacked else ortho[0]).to(param.dtype)
-                fan_out, fan_in = matrices.shape[-2:]
-                param.mul_(1 - group["lr"] * group["weight_decay"])
-                param.add_(ortho, alpha=-group["lr"] * math.sqrt(max(1.0, fan_out / fan_in)))
-        return None
-
-
-def newton_schulz(grad: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16,
-                  eps: float = 1e-7) -> torch.Tensor:
-    """torch.optim.Muon's quintic Newton-Schulz iteration, batched over the leading dimension: grad (E, A, B)."""
-    a, b, c = (3.4445, -4.775, 2.0315)
-    x = grad.to(dtype)
-    transposed = x.size(-2) > x.size(-1)
-    if transposed:
-        x = x.mT
-    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm at most 1
-    for _ in range(steps):  # the same fused ops as torch's (addmm there), so bf16 rounds the same way
-        gram = x @ x.mT
-        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.mT if transposed else x
+    settings = [{k: v for k, v in group.items() if k not in LAYOUT_KEYS} for group in optimizer.param_groups]
+    load()
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update(own)
 
 
 class CombinedOptimizer:
@@ -143,7 +114,8 @@ class CombinedOptimizer:
 
     @property
     def defaults(self) -> dict:
-        return self.optimizers["adamw"].defaults
+        """The first optimizer's defaults (what code asking an optimizer for its defaults, e.g. `fused`, reads)."""
+        return next(iter(self.optimizers.values())).defaults
 
     def step(self, closure=None):
         for optimizer in self.optimizers.values():
@@ -162,22 +134,3 @@ class CombinedOptimizer:
                              f"{sorted(self.optimizers)} (another optimizer setting)")
         for name, optimizer in self.optimizers.items():
             optimizer.load_state_dict(state[name])
-
-
-def restore_lr_scales(optimizer: torch.optim.Optimizer, config: TrainConfig) -> None:
-    """After loading an optimizer state, take each group's lr_scale from the current config.
-
-    `optimizer.load_state_dict` brings back the saved groups' hyperparameters; a user who changed
-    `router_lr_scale` (or betas / weight decay) before resuming expects the new value to apply.
-    """
-    scales = {"router": config.router_lr_scale, "muon": config.muon_lr / config.learning_rate}
-    for group in optimizer.param_groups:
-        name = group.get("name")
-        group["lr_scale"] = scales.get(name, 1.0)
-        if name == "muon":
-            group["momentum"] = config.muon_momentum
-            group["weight_decay"] = config.weight_decay * config.learning_rate / config.muon_lr
-            continue
-        group["betas"] = (config.beta1, config.beta2)
-        if name == "decay":
-            group["weight_decay"] = config.weight_decay

@@ -4,8 +4,10 @@ The trainer composes these pieces with its collectives in between (loss mean ove
 `train_step` composes them for one process, as the demo's step-time calibration, `lunaris selftest` and the
 benchmark run them. Both do exactly the same arithmetic.
 
-Right after the update, `balance_experts` moves the routing bias of MoC layers with `load_balance: bias` by the
-step's expert load (summed over processes); on log steps `accumulate(analyze=True)` adds the IRL analysis metrics.
+Whatever a model needs around the step is the model's own: its `training_hooks()` run before the step's first
+micro-batch and right after the update (MoC's auxiliary-loss-free balancing is one), and on log steps its
+`analysis()` is open around the forward and backward passes and adds its metrics (the IRL probe). Nothing here
+names a layer type.
 """
 
 import math
@@ -14,8 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from lunaris.model.layers import IRLProbe
-from lunaris.model.moc import MoCLayer
+from lunaris.metrics import GRAD_NORM, LOSS_AUX, LOSS_MAIN, LOSS_TOTAL
 from lunaris.runtime import autocast
 from lunaris.train.distributed import all_reduce_sum
 
@@ -47,19 +48,19 @@ def forward_backward(model, x, y, weight: float, accumulation: int, dtype: torch
 
 
 def accumulate(model, micro_batches: list, device: torch.device, dtype: torch.dtype, scaler=None,
-               sync_context=None, analyze: bool = False) -> StepLosses:
+               sync_context=None, analysis=None) -> StepLosses:
     """forward_backward over every micro-batch [(x, y), ...] of one step (each (B, T) int64).
 
     `sync_context(is_last)` wraps each micro-batch (DDP skips the gradient all-reduce on all but the last).
-    `analyze` (the trainer's log steps) adds the IRL analysis metrics (layers.IRLProbe): the update cosines of
-    the last micro-batch and the gradient norms of the IRL states over the whole step.
+    `analysis` (the trainer's log steps: the model's `analysis()`) is a context manager open around every
+    micro-batch; what it yields adds `metrics(loss_scale)` to the step's metrics once the backward passes are done
+    (for IRL: the update cosines of the last micro-batch and the gradient norms of the states over the whole step).
     """
     weights = micro_batch_weights(micro_batches)
     main = torch.zeros((), device=device)
     aux = torch.zeros((), device=device)
     out = None
-    probe = IRLProbe() if analyze else None
-    with probe if probe is not None else nullcontext():
+    with analysis if analysis is not None else nullcontext() as probe:
         for i, ((x, y), weight) in enumerate(zip(micro_batches, weights)):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             is_last = i == len(micro_batches) - 1
@@ -70,7 +71,7 @@ def accumulate(model, micro_batches: list, device: torch.device, dtype: torch.dt
     metrics = out.metrics if out is not None else {}
     if probe is not None:
         scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0  # a host sync: log steps
-        metrics = {**metrics, **probe.grad_norms(scale)}
+        metrics = {**metrics, **probe.metrics(scale)}
     return StepLosses(main, aux, metrics)
 
 
@@ -92,33 +93,28 @@ def update(optimizer, apply: bool, scaler=None) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def balance_layers(model) -> list:
-    """The MoC layers of `model` (plain, DDP-, FSDP- or compile-wrapped) that balance by routing bias."""
-    return [m for m in model.modules() if isinstance(m, MoCLayer) and m.load_balance == "bias"]
+def hooks_of(model) -> list:
+    """The training hooks (`LunarisCodex.training_hooks`) of `model`, plain or wrapped (DDP, torch.compile): those
+    of the first module inside it that has any; [] for a model without."""
+    inner = next((m for m in model.modules() if hasattr(m, "training_hooks")), None)
+    return inner.training_hooks() if inner is not None else []
 
 
-def reset_balance_counts(model) -> None:
-    """Forget the expert loads counted so far: a step counts its own micro-batches only (not a probe forward, not
-    a failed compiled attempt)."""
-    for layer in balance_layers(model):
-        layer.reset_balance_counts()
+def before_step(hooks: list) -> None:
+    """Every hook's `before_step`: right before a step's first micro-batch (a probe forward or a failed compiled
+    attempt before it is forgotten)."""
+    for hook in hooks:
+        hook.before_step()
 
 
-def balance_experts(model, apply: bool = True) -> None:
-    """Auxiliary-loss-free balancing, right after the optimizer update: every `load_balance: bias` layer moves
-    its routing bias by the step's expert load, then forgets it. Nothing happens for other models.
+def after_update(hooks: list, applied: bool, reduce_sum=all_reduce_sum) -> None:
+    """Every hook's `after_update`, right after the optimizer update (`applied` False: it was skipped).
 
-    The loads of every layer are summed over processes in one all-reduce, so every rank applies the same update
-    and the biases stay identical (call it on every rank). `apply` False (a skipped step) only resets the counts.
+    `reduce_sum(tensor)` sums a tensor over the run's processes in place (the trainer's collective; one process:
+    nothing to sum): hooks may call it, so call this on every rank.
     """
-    layers = balance_layers(model)
-    if not layers:
-        return
-    counts = all_reduce_sum(torch.stack([layer.balance_counts for layer in layers]))   # (layers, E)
-    for layer, layer_counts in zip(layers, counts):
-        if apply:
-            layer.apply_balance(layer_counts)
-        layer.reset_balance_counts()
+    for hook in hooks:
+        hook.after_update(applied, reduce_sum)
 
 
 def train_step(model, optimizer, micro_batches: list, dtype: torch.dtype = torch.float32, grad_clip: float = 0.0,
@@ -128,12 +124,13 @@ def train_step(model, optimizer, micro_batches: list, dtype: torch.dtype = torch
     The update is skipped when the loss or the gradient is not finite (as the trainer does).
     """
     device = next(model.parameters()).device
-    reset_balance_counts(model)  # the step's expert load is counted from here (nothing left by stray forwards)
+    hooks = hooks_of(model)
+    before_step(hooks)
     losses = accumulate(model, micro_batches, device, dtype, scaler)
     norm = clip_gradients(model.parameters(), optimizer, grad_clip, scaler)
     main, aux, grad_norm = torch.stack([losses.main.float(), losses.aux.float(), norm.float()]).tolist()
     applied = math.isfinite(main + aux) and math.isfinite(grad_norm)
     update(optimizer, applied, scaler)
-    balance_experts(model, applied)
-    return {"loss/main": main, "loss/aux": aux, "loss/total": main + aux, "grad_norm": grad_norm}
+    after_update(hooks, applied)
+    return {LOSS_MAIN: main, LOSS_AUX: aux, LOSS_TOTAL: main + aux, GRAD_NORM: grad_norm}
 

@@ -2,9 +2,11 @@
 
 `train(config)` runs a whole training job; `Trainer` builds its parts and runs `_loop`, which reads top to
 bottom: a step, the counters, logging, evaluation, checkpoints, the stop check. Each concern lives in its own
-file: the step's arithmetic in step.py, resuming and saving in checkpointer.py (single process, DDP and FSDP
-behind one interface), held-out loss in evaluation.py, metric sinks in logging.py, SIGTERM/SIGINT in
-signals.py, process groups and model wrapping in distributed.py.
+file: the step's arithmetic in step.py, the optimizers and schedule in optim.py, the trainer's own state (counters,
+data position, loss scale, generators) in state.py, resuming and saving in checkpointer.py (single process, DDP
+and FSDP behind one interface), held-out loss in evaluation.py, metric sinks in logging.py, SIGTERM/SIGINT in
+signals.py, process groups and model wrapping in distributed.py. What a model needs around a step (MoC balancing,
+IRL analysis) is the model's own hooks: nothing here names a layer type.
 
 Exact resume: the checkpoint holds the data loader position and every generator's state, and each step
 consumes exactly `gradient_accumulation_steps` batches, so a resumed run sees the batches and computes the
@@ -13,7 +15,6 @@ losses the uninterrupted run would have.
 
 import math
 import os
-import random
 import sys
 import time
 import warnings
@@ -21,10 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
-import lunaris
+from lunaris import metrics
 from lunaris.config import TrainConfig
 from lunaris.errors import ConfigError, LunarisError
 from lunaris.model import LunarisCodex
@@ -37,7 +37,6 @@ from lunaris.train.distributed import (
     all_reduce_sum,
     apply_fsdp,
     full_norm,
-    gather_objects,
     is_peer_lost,
     no_sync_context,
     params_without_grad,
@@ -49,8 +48,9 @@ from lunaris.train.distributed import (
 )
 from lunaris.train.evaluation import TaskEvaluator, held_out_sums, loss_and_perplexity, rank_batches, safe_exp
 from lunaris.train.logging import RunLogger, banner, import_tensorboard, import_wandb, write_run_files
-from lunaris.train.optim import apply_lr, build_optimizer, lr_at, restore_lr_scales
+from lunaris.train.optim import apply_lr, build_optimizer, load_state_only, lr_at
 from lunaris.train.signals import StopSignals
+from lunaris.train.state import TrainState
 
 
 @dataclass
@@ -61,16 +61,33 @@ class TrainResult:
     last_metrics: dict = field(default_factory=dict)
 
 
+class WrappedModel:
+    """The model as the training step calls it: under DDP when several processes run it (FSDP is applied to the
+    model itself, in place), then compiled (compile_model). Compilation happens, and can fail, at the first call;
+    `eager` is the same model uncompiled, and `ddp` the DDP wrapper (None without DDP) for its no_sync and to be
+    released before the process group is left."""
+
+    def __init__(self, model: torch.nn.Module, ddp=None, compile_model: bool = False):
+        self.ddp = ddp
+        self.eager = ddp if ddp is not None else model
+        self.call = torch.compile(self.eager) if compile_model else self.eager
+        self.compile_pending = compile_model    # until the first step has run
+
+
 class Trainer:
     """One training run. Construct (all setup, may raise LunarisError), then `run()`, then `close()`.
 
     `resume`: None resumes from out_dir's newest checkpoint if there is one; a path resumes from
     that checkpoint (file, DCP directory, or run directory); False starts from step 0.
+
+    The model has two handles: `model`, the LunarisCodex itself (saved, evaluated, stepped by the optimizer), and
+    `wrapped`, what the training step calls (DDP, torch.compile). The counters, data position, loss scale and
+    generators are `state` (state.py), which is also the checkpoint's trainer part.
     """
 
     def __init__(self, config: TrainConfig, resume=None):
         self.config = cfg = config.validate()
-        self.logger = self.loader = None
+        self.logger = self.loader = self.wrapped = None  # what close() releases, once they exist
         self.info = info = setup_distributed(cfg.device)
         self.signals = StopSignals(announce=info.is_main)
         try:
@@ -83,32 +100,53 @@ class Trainer:
             self.tokens_per_step = cfg.batch_size * self.seq_len * cfg.gradient_accumulation_steps * info.world_size
             self.peak_flops = peak_flops_per_device(info.device, cfg.peak_flops)
             self.checkpointer = Checkpointer(cfg, info, self.fsdp)
-            state = self._preflight(resume)
-            self.resumed_from = self.checkpointer.resume_path if state is not None else None
-            self._build_model_and_optimizer(state)
-            self._build_data(state)
-            self._wrap_model()
-            self._restore_counters(state)
-            self.stopping = False            # every rank agreed to stop after this step
+            self.train_dir, self.val_dir, self.tasks, saved = self._preflight(resume)
+            self.resumed_from = self.checkpointer.resume_path if saved is not None else None
+            torch.manual_seed(cfg.seed)  # identical initialization on every rank (FSDP shards assume it)
+            model = LunarisCodex(cfg.model)
+            self.flops_per_token, self.num_params = model.flops_per_token(self.seq_len), model.num_params()
+            self.model = self._place(model, saved)
+            self.hooks = self.model.training_hooks()  # model-specific work around each step (MoC balancing)
+            self.optimizer = self._build_optimizer(saved)
+            self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.dtype == torch.float16)
+            self.loader = self._build_loader()
+            self.wrapped = self._wrap_model()
+            self.state = TrainState(cfg, self.loader, self.scaler, info.rank, info.world_size)
+            if saved is None:
+                self.state.seed()
+            else:
+                self.state.load_state_dict(saved)  # generators last: nothing draws from here to the first step
+            self.batches = iter(self.loader)       # from the restored data position
+            self.val_batches = None                # read at the first evaluation
+            self.start_step = self.state.step      # where this run's loop starts (its first step is logged)
+            self.stopping = False                  # every rank agreed to stop after this step
             self.last_model_metrics: dict = {}
-            self.logger = RunLogger(cfg, self.out_dir, info.is_main, self.step, resumed=state is not None)
+            self.logger = RunLogger(cfg, self.out_dir, info.is_main, self.state.step, resumed=saved is not None)
             if info.is_main:
                 write_run_files(self)
         except BaseException:
             self.close()
             raise
 
+    @property
+    def step(self) -> int:
+        """Optimizer steps completed (state.step)."""
+        return self.state.step
+
     # ---- setup ------------------------------------------------------------------------------------------
 
-    def _preflight(self, resume) -> Optional[dict]:
-        """Checks that must fail before any training, on all ranks together. Returns the resume state."""
+    def _preflight(self, resume) -> tuple:
+        """Checks that must fail before any training, on all ranks together.
+
+        Returns (train_dir, val_dir, tasks, the checkpoint state to resume from or None).
+        """
         from lunaris.data import check_vocab, resolve_data_dirs
         cfg, info = self.config, self.info
-        error, state = None, None
+        error, found = None, (None, None, None, None)
         try:
-            self.train_dir, self.val_dir = resolve_data_dirs(cfg.data_dir, cfg.val_data_dir)
-            self._fill_document_separator()  # before the resume check, which compares model configs
-            for directory in (self.train_dir, self.val_dir):
+            train_dir, val_dir = resolve_data_dirs(cfg.data_dir, cfg.val_data_dir)
+            self._fill_document_separator(train_dir)  # before the resume check, which compares model configs
+            for directory in (train_dir, val_dir):
                 if directory is not None:
                     check_vocab(directory, cfg.model.vocab_size)
             if info.is_main or self.fsdp:  # FSDP: every rank writes its own shards
@@ -119,101 +157,72 @@ class Trainer:
                 if cfg.tensorboard:
                     import_tensorboard()
                 ckpt.remove_stale_temporaries(self.out_dir)
-            state = self.checkpointer.load_state(resume)
-            self.tasks = TaskEvaluator.build(cfg, info, self.out_dir)  # eval_tasks, read and tokenized (or None)
+            saved = self.checkpointer.load_state(resume)
+            tasks = TaskEvaluator.build(cfg, info, self.out_dir)  # eval_tasks, read and tokenized (or None)
+            found = (train_dir, val_dir, tasks, saved)
         except LunarisError as exc:
             error = exc
         raise_together(error, info)
-        self.checkpointer.agree_on_step(state)
-        return state
+        self.checkpointer.agree_on_step(found[3])
+        return found
 
-    def _fill_document_separator(self) -> None:
+    def _fill_document_separator(self, train_dir: Path) -> None:
         """attention_mask: document with document_separator_id null: the training data's end-of-text id, from its
         manifest, set in the model config (so the checkpoint and the run's resolved config record it)."""
         from lunaris.data import read_manifest
         model = self.config.model
         if model.attention_mask != "document" or model.document_separator_id is not None:
             return
-        manifest = read_manifest(self.train_dir)
+        manifest = read_manifest(train_dir)
         if manifest is None or manifest.get("eot_id") is None:
             raise ConfigError(f"model.attention_mask: document needs document_separator_id (the end-of-text token id "
-                              f"that ends each document), and data_dir {self.train_dir} has no manifest that gives "
+                              f"that ends each document), and data_dir {train_dir} has no manifest that gives "
                               f"it; set model.document_separator_id.")
         model.document_separator_id = int(manifest["eot_id"])
 
-    def _build_model_and_optimizer(self, state: Optional[dict]) -> None:
-        cfg, info = self.config, self.info
-        torch.manual_seed(cfg.seed)  # identical initialization on every rank (FSDP shards assume it)
-        model = LunarisCodex(cfg.model)
-        self.flops_per_token = model.flops_per_token(self.seq_len)
-        self.num_params = model.num_params()
-        if state is not None:
-            self.checkpointer.restore_model(model, state)
+    def _place(self, model: LunarisCodex, saved: Optional[dict]) -> LunarisCodex:
+        """The checkpoint's weights (if resuming), then FSDP sharding or the move to this process's device."""
+        if saved is not None:
+            self.checkpointer.restore_model(model, saved)
         if self.fsdp:
-            apply_fsdp(model, info)
+            apply_fsdp(model, self.info)
         else:
-            model.to(info.device)
-        self.raw_model = model
-        self.optimizer = build_optimizer(model, cfg, info.device.type)
-        if state is not None:
-            self.checkpointer.restore_optimizer(model, self.optimizer, state)
-            restore_lr_scales(self.optimizer, cfg)
-        self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.dtype == torch.float16)
-        if state is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
+            model.to(self.info.device)
+        return model
 
-    def _build_data(self, state: Optional[dict]) -> None:
+    def _build_optimizer(self, saved: Optional[dict]):
+        """The config's optimizer; resuming, the checkpoint's state with this config's hyperparameters."""
+        optimizer = build_optimizer(self.model, self.config, self.info.device.type)
+        if saved is not None:
+            load_state_only(optimizer, lambda: self.checkpointer.restore_optimizer(self.model, optimizer, saved))
+        return optimizer
+
+    def _build_loader(self):
         from lunaris.data import ShardDataset, TokenLoader
         cfg, info = self.config, self.info
-        self.loader = TokenLoader(
+        return TokenLoader(
             ShardDataset(self.train_dir, self.seq_len), cfg.batch_size, rank=info.rank, world_size=info.world_size,
             seed=cfg.seed, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory and info.device.type == "cuda",
             persistent_workers=cfg.persistent_workers, prefetch_factor=cfg.prefetch_factor)
-        if state is not None and state.get("data_state") is not None:
-            self.loader.load_state_dict(state["data_state"])
-        self.batches = iter(self.loader)
-        self.val_batches = None  # read at the first evaluation
 
-    def _wrap_model(self) -> None:
+    def _wrap_model(self) -> WrappedModel:
         """DDP (or FSDP, already applied), then torch.compile on top, keeping an eager fallback."""
-        info = self.info
-        self.ddp = None
-        if info.is_distributed and not self.fsdp:
-            self.ddp = wrap_ddp(self.raw_model, info, find_unused=self._has_unused_parameters())
-        self.eager_model = self.ddp if self.ddp is not None else self.raw_model
-        self.model = torch.compile(self.eager_model) if self.config.compile_model else self.eager_model
-        self.compile_pending = self.config.compile_model  # compilation happens (and can fail) at the first step
+        ddp = None
+        if self.info.is_distributed and not self.fsdp:
+            ddp = wrap_ddp(self.model, self.info, find_unused=self._has_unused_parameters())
+        return WrappedModel(self.model, ddp, self.config.compile_model)
 
     def _has_unused_parameters(self) -> bool:
         generator = torch.Generator().manual_seed(0)  # the same probe batch on every rank
         x = torch.randint(0, self.config.model.vocab_size, (1, self.seq_len + 1), generator=generator)
         x = x.to(self.info.device)
         with autocast(self.info.device, self.dtype):
-            unused = params_without_grad(self.raw_model, x[:, :-1], x[:, 1:])
+            unused = params_without_grad(self.model, x[:, :-1], x[:, 1:])
         flag = all_reduce_sum(torch.tensor([float(bool(unused))], device=self.info.device))
         if unused and self.info.is_main:
             print(f"note: {len(unused)} parameter(s) got no gradient in a probe step (e.g. {unused[0]}); DDP will "
                   f"look for unused parameters every step, which is slower.", file=sys.stderr)
         return bool(flag.item())
-
-    def _restore_counters(self, state: Optional[dict]) -> None:
-        cfg, info = self.config, self.info
-        state = state or {}
-        self.step = int(state.get("step", 0))
-        self.start_step = self.step      # where this run's loop starts (its first step is logged)
-        self.bad_steps = int(state.get("bad_steps", 0))
-        self.tokens_seen = int(state.get("tokens_seen", 0))
-        self.train_seconds = float(state.get("train_seconds", 0.0))  # in steps only (no eval, no saving)
-        rng = state.get("rng") or []
-        if not state:
-            seed = cfg.seed + info.rank  # dropout differs across ranks; data order comes from the loader
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
-            torch.manual_seed(seed)
-        elif info.rank < len(rng):
-            ckpt.restore_rng(rng[info.rank])
-        else:  # more processes than the run that saved: the new ranks get fresh seeds
-            torch.manual_seed(cfg.seed + info.rank + 1_000_003 * self.step)
 
     # ---- one step ---------------------------------------------------------------------------------------
 
@@ -230,10 +239,12 @@ class Trainer:
         """Forward/backward of every micro-batch; the first compiled call compiles, and if that fails, the step
         is redone eagerly after one warning."""
         def run():
-            steps.reset_balance_counts(self.raw_model)  # MoC load_balance: bias counts this step's load only
-            return steps.accumulate(self.model, micro_batches, self.info.device, self.dtype, self.scaler,
-                                    sync_context=lambda last: no_sync_context(self.ddp, last), analyze=analyze)
-        if not self.compile_pending:
+            steps.before_step(self.hooks)  # the model's hooks see this step's micro-batches only
+            wrapped = self.wrapped
+            return steps.accumulate(wrapped.call, micro_batches, self.info.device, self.dtype, self.scaler,
+                                    sync_context=lambda last: no_sync_context(wrapped.ddp, last),
+                                    analysis=self.model.analysis() if analyze else None)
+        if not self.wrapped.compile_pending:
             return run()
         try:
             return run()
@@ -241,18 +252,19 @@ class Trainer:
             warnings.warn(f"torch.compile failed ({describe_error(exc)}); training continues without "
                           f"compilation (compile_model: false hides this warning).", stacklevel=2)
             self.optimizer.zero_grad(set_to_none=True)
-            if self.ddp is not None:  # a failed traced call may leave DDP's reducer mid-iteration
-                self.ddp = wrap_ddp(self.raw_model, self.info, find_unused=self.ddp.find_unused_parameters)
-                self.eager_model = self.ddp
-            self.model = self.eager_model
+            ddp = self.wrapped.ddp
+            if ddp is not None:  # a failed traced call may leave DDP's reducer mid-iteration
+                ddp = wrap_ddp(self.model, self.info, find_unused=ddp.find_unused_parameters)
+            self.wrapped = WrappedModel(self.model, ddp)
             return run()
         finally:
-            self.compile_pending = False
+            self.wrapped.compile_pending = False
 
     def train_step(self, step: int, analyze: bool = None) -> dict:
         """One optimizer step at index `step` (0-based). Returns floats averaged over ranks.
 
-        `analyze` adds the IRL analysis metrics (gradient hooks, update cosines); None: on log steps only.
+        `analyze` adds the model's analysis metrics (`model.analysis()`: IRL state gradient norms and update
+        cosines); None: on log steps only.
         """
         cfg, device, world = self.config, self.info.device, self.info.world_size
         lr = lr_at(step, cfg)
@@ -260,7 +272,7 @@ class Trainer:
         analyze = self._logs_after(step + 1) if analyze is None else analyze
         losses = self._accumulate([self._next_batch() for _ in range(cfg.gradient_accumulation_steps)], analyze)
         self.last_model_metrics = losses.metrics
-        norm = full_norm(steps.clip_gradients(self.raw_model.parameters(), self.optimizer, cfg.grad_clip,
+        norm = full_norm(steps.clip_gradients(self.model.parameters(), self.optimizer, cfg.grad_clip,
                                               self.scaler))
         # one collective: losses summed over ranks and "anyone asked to stop?"
         stop_vote = torch.full((), float(self.signals.requested), device=device)  # a fill kernel, no host copy
@@ -269,10 +281,11 @@ class Trainer:
         main, aux = main / world, aux / world
         loss_ok, norm_ok = math.isfinite(main + aux), math.isfinite(norm)
         steps.update(self.optimizer, loss_ok and norm_ok, self.scaler)
-        steps.balance_experts(self.raw_model, loss_ok and norm_ok)  # MoC load_balance: bias (a collective)
+        steps.after_update(self.hooks, loss_ok and norm_ok, all_reduce_sum)  # the model's hooks (may be a collective)
         self.stopping = stop_votes > 0  # the same on every rank, unlike signals.requested
         bad = not loss_ok or (not norm_ok and not self.scaler.is_enabled())
-        return {"loss/total": main + aux, "loss/main": main, "loss/aux": aux, "lr": lr, "grad_norm": norm, "bad": bad}
+        return {metrics.LOSS_TOTAL: main + aux, metrics.LOSS_MAIN: main, metrics.LOSS_AUX: aux, metrics.LR: lr,
+                metrics.GRAD_NORM: norm, "bad": bad}
 
     def request_stop(self, reason: str = "request") -> None:
         """Finish the current step, save, and return from run() (what SIGTERM/SIGINT do)."""
@@ -281,56 +294,55 @@ class Trainer:
     # ---- the loop ---------------------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
-        if self.step >= self.config.max_steps:
-            self.logger.message(f"{self.out_dir}: already at step {self.step} of max_steps {self.config.max_steps}; "
-                                f"nothing to do (raise --max_steps to train further).")
-            return TrainResult(self.step, "already-finished", self.resumed_from)
+        if self.state.step >= self.config.max_steps:
+            self.logger.message(f"{self.out_dir}: already at step {self.state.step} of max_steps "
+                                f"{self.config.max_steps}; nothing to do (raise --max_steps to train further).")
+            return TrainResult(self.state.step, "already-finished", self.resumed_from)
         with self.signals:
             return self._loop()
 
     def _loop(self) -> TrainResult:
-        cfg = self.config
+        cfg, state = self.config, self.state
         for line in banner(self):
             self.logger.message(line)
-        start, saved_at, last_path = self.step, self.step if self.resumed_from else None, self.resumed_from
-        self.start_step = start
+        saved_at, last_path = state.step if self.resumed_from else None, self.resumed_from
         interval_time, interval_tokens, last_metrics = 0.0, 0, {}
-        while self.step < cfg.max_steps:
+        while state.step < cfg.max_steps:
             began = time.perf_counter()
-            result = self.train_step(self.step)
+            result = self.train_step(state.step)
             elapsed = time.perf_counter() - began  # train_step ends with a host sync: real time
             interval_time += elapsed
-            self.train_seconds += elapsed
-            self.step += 1
-            self.tokens_seen += self.tokens_per_step
+            state.train_seconds += elapsed
+            state.step += 1
+            state.tokens_seen += self.tokens_per_step
             interval_tokens += self.tokens_per_step
             self._count_bad_step(result)
             tokens_per_sec = interval_tokens / max(interval_time, 1e-9)
-            self.logger.update_bar(result["loss/total"], result["lr"], tokens_per_sec)
+            self.logger.update_bar(result[metrics.LOSS_TOTAL], result[metrics.LR], tokens_per_sec)
 
             record = {}
-            if self._logs_after(self.step):
+            if self._logs_after(state.step):
                 record = self._train_metrics(result, tokens_per_sec)
                 interval_time, interval_tokens = 0.0, 0
             if (self.val_dir is not None or self.tasks) and cfg.eval_interval > 0 and (
-                    self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps):
+                    state.step % cfg.eval_interval == 0 or state.step == cfg.max_steps):
                 record.update(self.evaluate())
             if record:
-                self.logger.log(self.step, record)
+                self.logger.log(state.step, record)
                 last_metrics = record
-            if self.step % cfg.save_interval == 0:
-                last_path, saved_at = self.save(final=self.step == cfg.max_steps or self.stopping), self.step
+            if state.step % cfg.save_interval == 0:
+                last_path, saved_at = self.save(final=state.step == cfg.max_steps or self.stopping), state.step
             if self.stopping:
                 break
-        reason = "signal" if self.stopping and self.step < cfg.max_steps else "finished"
-        if saved_at != self.step:
+        reason = "signal" if self.stopping and state.step < cfg.max_steps else "finished"
+        if saved_at != state.step:
             last_path = self.save(final=True)
         if reason == "signal":
-            self.logger.message(f"stopped at step {self.step} on {self.signals.reason or 'request'}; resume with the "
-                                f"same command (it continues from {last_path}).")
+            self.logger.message(f"stopped at step {state.step} on {self.signals.reason or 'request'}; resume with "
+                                f"the same command (it continues from {last_path}).")
         else:
-            self.logger.message(f"finished {self.step} steps; final checkpoint {last_path}")
-        return TrainResult(self.step, reason, last_path, last_metrics)
+            self.logger.message(f"finished {state.step} steps; final checkpoint {last_path}")
+        return TrainResult(state.step, reason, last_path, last_metrics)
 
     def _logs_after(self, step: int) -> bool:
         """Whether the loop logs metrics once `step` steps are done: this run's first, every log_interval, the last."""
@@ -339,33 +351,34 @@ class Trainer:
     def _train_metrics(self, result: dict, tokens_per_sec: float) -> dict:
         """What a log step records: the step's losses, throughput, MFU and the model's metrics (a collective)."""
         record = {k: v for k, v in result.items() if k != "bad"}
-        record["perplexity"] = safe_exp(result["loss/main"])
-        record["throughput/tokens_per_sec"] = tokens_per_sec
+        record[metrics.PERPLEXITY] = safe_exp(result[metrics.LOSS_MAIN])
+        record[metrics.TOKENS_PER_SEC] = tokens_per_sec
         if self.peak_flops:
-            record["throughput/mfu"] = self.flops_per_token * tokens_per_sec / (self.peak_flops * self.info.world_size)
-        metrics = self.last_model_metrics  # the model's metrics of the last micro-batch, averaged over ranks
-        if metrics:
-            keys = list(metrics)  # the same keys in the same order on every rank (set by the model config)
-            values = all_reduce_sum(torch.stack([metrics[k].detach().float().reshape(()) for k in keys]))
+            record[metrics.MFU] = self.flops_per_token * tokens_per_sec / (self.peak_flops * self.info.world_size)
+        reported = self.last_model_metrics  # the model's metrics of the last micro-batch, averaged over ranks
+        if reported:
+            keys = list(reported)  # the same keys in the same order on every rank (set by the model config)
+            values = all_reduce_sum(torch.stack([reported[k].detach().float().reshape(()) for k in keys]))
             record.update(zip(keys, (values / self.info.world_size).tolist()))
-        record["tokens_seen"] = self.tokens_seen
-        record["time/train_seconds"] = self.train_seconds
-        record["epoch"] = int(self.loader.epoch)
+        record[metrics.TOKENS_SEEN] = self.state.tokens_seen
+        record[metrics.TRAIN_SECONDS] = self.state.train_seconds
+        record[metrics.EPOCH] = int(self.loader.epoch)
         return record
 
     def _count_bad_step(self, result: dict) -> None:
+        state = self.state
         if not result["bad"]:
-            self.bad_steps = 0
+            state.bad_steps = 0
             return
-        self.bad_steps += 1
-        self.logger.message(f"step {self.step}: non-finite loss or gradient (loss {result['loss/total']}, grad_norm "
-                            f"{result['grad_norm']}); update skipped ({self.bad_steps} in a row, limit "
-                            f"{self.config.max_bad_steps}).")
-        if self.bad_steps >= self.config.max_bad_steps:
-            first = self.step - self.bad_steps + 1
+        state.bad_steps += 1
+        self.logger.message(f"step {state.step}: non-finite loss or gradient (loss {result[metrics.LOSS_TOTAL]}, "
+                            f"grad_norm {result[metrics.GRAD_NORM]}); update skipped ({state.bad_steps} in a row, "
+                            f"limit {self.config.max_bad_steps}).")
+        if state.bad_steps >= self.config.max_bad_steps:
+            first = state.step - state.bad_steps + 1
             raise LunarisError(
-                f"training stopped at step {self.step}: the loss or gradient was not finite for {self.bad_steps} "
-                f"consecutive steps ({first}..{self.step}), so no update was applied since step {first - 1} (the "
+                f"training stopped at step {state.step}: the loss or gradient was not finite for {state.bad_steps} "
+                f"consecutive steps ({first}..{state.step}), so no update was applied since step {first - 1} (the "
                 f"weights of the checkpoints in {self.out_dir} predate the problem). Try a lower learning_rate or "
                 f"longer warmup_steps, grad_clip: 1.0, dtype: bf16 instead of fp16, and check the data "
                 f"(`lunaris prepare` output, token ids below model.vocab_size); raise max_bad_steps to tolerate "
@@ -376,27 +389,21 @@ class Trainer:
     def evaluate(self) -> dict:
         """Token-mean cross-entropy over the held-out batches of every rank (dropless, eval mode); eval_tasks."""
         from lunaris.data import ShardDataset
-        tasks = self.tasks(self.raw_model, self.dtype) if self.tasks else {}
+        tasks = self.tasks(self.model, self.dtype) if self.tasks else {}
         if self.val_dir is None:
             return tasks
         if self.val_batches is None:
             self.val_batches = rank_batches(ShardDataset(self.val_dir, self.seq_len), self.config.batch_size,
                                             self.config.eval_batches, self.info.rank, self.info.world_size)
         # uncompiled: eval is rare, and a second compiled graph costs memory
-        totals = all_reduce_sum(held_out_sums(self.raw_model, self.val_batches, self.info.device, self.dtype))
+        totals = all_reduce_sum(held_out_sums(self.model, self.val_batches, self.info.device, self.dtype))
         loss, perplexity = loss_and_perplexity(*totals.tolist()[:2])
-        return {"val/loss": loss, "val/perplexity": perplexity, **tasks}
+        return {metrics.VAL_LOSS: loss, metrics.VAL_PERPLEXITY: perplexity, **tasks}
 
     def save(self, final: bool) -> Path:
-        """Save on the right ranks; returns the checkpoint path. Called on every rank."""
-        state = {  # everything but the model and optimizer tensors (gathers every rank's RNG: a collective)
-            "scaler": self.scaler.state_dict(), "step": self.step, "epoch": int(self.loader.epoch),
-            "data_state": self.loader.state_dict(), "rng": gather_objects(ckpt.capture_rng()),
-            "config": self.config.to_dict(), "bad_steps": self.bad_steps, "tokens_seen": self.tokens_seen,
-            "train_seconds": self.train_seconds,
-            "world_size": self.info.world_size, "lunaris_version": lunaris.__version__,
-        }
-        path = self.checkpointer.save(self.raw_model, self.optimizer, state, self.step, final)
+        """Save on the right ranks; returns the checkpoint path. Called on every rank (the trainer state gathers
+        every rank's generators: a collective)."""
+        path = self.checkpointer.save(self.model, self.optimizer, self.state.state_dict(), self.state.step, final)
         self.logger.message(f"saved {path}")
         return path
 
@@ -405,7 +412,8 @@ class Trainer:
         save), then release what is local: W&B's upload, say, may take a while and needs no peer."""
         self.signals.restore()
         try:
-            teardown_distributed(clean_exit, self.info.rank, ddp=getattr(self, "ddp", None))
+            teardown_distributed(clean_exit, self.info.rank,
+                                 ddp=self.wrapped.ddp if getattr(self, "wrapped", None) is not None else None)
         finally:
             if self.logger is not None:
                 self.logger.close()
