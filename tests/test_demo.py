@@ -25,3 +25,28 @@ def test_short_demo_beats_the_unigram_baseline_and_resumes(tmp_path):
     assert again["steps"] == 92
     first_steps = [json.loads(line)["step"] for line in (tmp_path / "dense/metrics.jsonl").read_text().splitlines()]
     assert first_steps == sorted(first_steps) and first_steps[0] > 0 and first_steps[-1] == 92
+
+
+def test_the_evaluation_line_says_what_was_read_and_a_rerun_names_the_demos_own_flag(tmp_path, capsys):
+    """The README's scaled-down demo (`lunaris demo --max-steps 6 --corpus-mb 0.4`), then the same command again."""
+    lines = []
+    run_demo(tmp_path, max_steps=6, corpus_mb=0.4, echo=lines.append, task_examples=20)
+    evaluation = next(line for line in lines if line.startswith("[3/5]"))
+    split = int(evaluation.split(": ")[1].split(" tokens")[0].replace(",", ""))
+    batches = 8 * 16 * 256                          # the preset's eval_batches of batch_size x max_seq_len
+    if split <= batches:                            # the trainer read the whole split, once
+        assert "(the trainer's val_loss above read the same tokens: the split is smaller than its 8 batches of " \
+               "16 x 256)" in evaluation, evaluation
+    else:
+        assert f"(the trainer's val_loss above used its first 8 batches, {batches:,} tokens)" in evaluation
+    assert "val_loss" in capsys.readouterr().out    # the trainer printed the val_loss the line refers to
+
+    lines.clear()
+    summary = run_demo(tmp_path, max_steps=6, corpus_mb=0.4, echo=lines.append, task_examples=20)
+    printed = capsys.readouterr().out
+    assert summary["steps"] == 6
+    assert f"[2/5] train: {tmp_path / 'dense'} is already trained to step 6 (to continue it: lunaris demo --out " \
+           f"{tmp_path} --max-steps 12)" in lines
+    evaluation = next(line for line in lines if line.startswith("[3/5]"))
+    assert evaluation == f"[3/5] evaluate on the whole validation split: {split:,} tokens"  # no val_loss "above"
+    assert "val_loss" not in printed and "--max_steps" not in printed + "\n".join(lines)

@@ -1,5 +1,6 @@
 """The README cannot rot: its reference table, examples, configs and commands are checked here."""
 
+import json
 import os
 import re
 import sys
@@ -19,6 +20,11 @@ def fenced_blocks(language: str, marker: str = None) -> list:
     """Bodies of ```language ...``` blocks; with `marker`, only blocks whose info string carries that word."""
     return [body for lang, info, body in re.findall(r"```(\w+)([^\n]*)\n(.*?)```", README, re.S)
             if lang == language and (marker is None or marker in info.split())]
+
+
+def named_files() -> dict:
+    """{name: text} of the blocks whose info string names the file a reader saves them as (```yaml file=NAME```)."""
+    return {name: body for name, body in re.findall(r"```\w+ [^\n]*\bfile=(\S+)[^\n]*\n(.*?)```", README, re.S)}
 
 
 def section(title: str) -> str:
@@ -75,18 +81,27 @@ def test_every_shipped_config_validates_and_builds_on_meta(path, capsys):
 SCALE_DOWN = [("lunaris demo", "lunaris demo --max-steps 6 --corpus-mb 0.4"),
               ("--max_steps=300", "--max_steps=6 --warmup_steps=2"),
               ("--max-tokens 2000000", "--max-tokens 60000"),
-              ("--tokenizer-sample-bytes 8e6", "--tokenizer-sample-bytes 5e5")]
+              ("--tokenizer-sample-bytes 8e6", "--tokenizer-sample-bytes 5e5"),
+              ("flops: 1.55e12", "flops: 1.2e11"), ("seeds: 2", "seeds: 1")]   # the sweep file
+
+
+def scaled_down(text: str) -> str:
+    for original, scaled in SCALE_DOWN:
+        text = text.replace(original, scaled)
+    return text
 
 
 def test_runnable_shell_blocks_work(tmp_path):
+    """In a fresh directory outside the repository (with its configs/, as a reader's checkout has), the files the
+    README tells the reader to save (the sweep file), then every runnable block, in order, twice."""
     blocks = fenced_blocks("bash", "runnable")
-    assert len(blocks) >= 2
+    assert len(blocks) >= 3 and "sweep.yaml" in named_files()
     (tmp_path / "configs").symlink_to(ROOT / "configs")
+    for name, text in named_files().items():
+        (tmp_path / name).write_text(scaled_down(text))
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     for block in blocks:
-        script = block
-        for original, scaled in SCALE_DOWN:
-            script = script.replace(original, scaled)
+        script = scaled_down(block)
         for attempt in ("first run", "second run"):  # every block is safe to paste twice
             result = processes.run(["bash", "-euo", "pipefail", "-c", script], 900, cwd=tmp_path, env=env)
             assert result.returncode == 0, f"README block failed ({attempt}):\n{script}\n--- stdout\n" \
@@ -95,3 +110,5 @@ def test_runnable_shell_blocks_work(tmp_path):
     assert (tmp_path / "runs/demo/demo-dense.json").is_file()
     assert (tmp_path / "hf/pylib/model.safetensors").is_file()
     assert (tmp_path / "runs/pylib/training.png").is_file()
+    sweep = json.loads((tmp_path / "runs/sweeps/sweep/results.json").read_text())
+    assert [(row["variant"], row["steps"]) for row in sweep["variants"]] == [("dense", 3), ("topk", 3)]

@@ -15,7 +15,7 @@ from typing import Optional
 
 import yaml
 
-from lunaris.errors import ConfigError
+from lunaris.errors import ConfigError, suggest
 
 
 def _f(default, help: str):
@@ -25,12 +25,7 @@ def _f(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
-def _suggest(word, candidates) -> str:
-    """' (did you mean 'x'?)' for the closest candidate, or ''."""
-    if not isinstance(word, str):
-        return ""
-    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    return f" (did you mean '{match[0]}'?)" if match else ""
+_suggest = suggest  # the one did-you-mean helper (lunaris.errors)
 
 
 class _Checks:
@@ -393,7 +388,7 @@ def raise_problems(problems: list, source: str = "config") -> None:
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
         n = len(problems)
-        raise ConfigError(f"{source} has {n} problem{'s' if n > 1 else ''}:\n{lines}")
+        raise ConfigError(f"{source} has {n} problem{'s' if n > 1 else ''}:\n{lines}", problems)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from lunaris.errors import LunarisError
 from lunaris.fileio import atomic_write_json
 from lunaris.tasks.embedded import HELD_OUT_GLOBS
+from lunaris.train.calibrate import calibrate_steps  # importable as lunaris.demo.calibrate_steps too (its old home)
 
 PRESET = Path(__file__).parent / "presets" / "demo-cpu.yaml"
 # tests, vendored packages and generated tables (codec maps, pydoc topics) are not the code we want to model
@@ -66,29 +66,6 @@ def unigram_baseline(data_dir: Path, vocab_size: int) -> float:
     return float(-log_probs[val].mean())
 
 
-def calibrate_steps(config, minutes: float, share: float = 0.85) -> int:
-    """Optimizer steps that fill `share` of `minutes` (the rest: evaluation and checkpoints), from timing a few
-    real training steps of this model, with this config's optimizer, here."""
-    from lunaris.model import LunarisCodex
-    from lunaris.runtime import resolve_device, resolve_dtype
-    from lunaris.train.optim import build_optimizer
-    from lunaris.train.step import train_step
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
-    model = LunarisCodex(config.model.sized()).to(device)
-    optimizer = build_optimizer(model, config, device.type)
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None  # as the trainer runs fp16
-    x = torch.randint(0, config.model.vocab_size, (config.batch_size, config.model.max_seq_len), device=device)
-    micro_batches = [(x, x)] * config.gradient_accumulation_steps
-    timings = []
-    for _ in range(4):
-        start = time.perf_counter()
-        train_step(model, optimizer, micro_batches, dtype, config.grad_clip, scaler)  # returns floats: synchronized
-        timings.append(time.perf_counter() - start)
-    per_step = sorted(timings[1:])[1]  # median of the warm steps
-    return max(20, int(minutes * 60 * share / per_step))
-
-
 def demo_config(data_dir: Path, run_dir: Path, arch: str, device: str, vocab_size: int):
     from lunaris.config import load_config
     overrides = {"data_dir": str(data_dir), "out_dir": str(run_dir), "device": device,
@@ -113,68 +90,109 @@ def run_demo(out="runs/demo", minutes: float = None, max_steps: int = None, arch
     manifest = prepare_corpus(data_dir, corpus_mb, 4096, 0, echo)
     vocab_size = manifest["model_vocab_size"]
     config = demo_config(data_dir, run_dir, arch, device, vocab_size)
-
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    if max_steps is None:
-        max_steps = state.get("max_steps") or calibrate_steps(config, minutes or 4.0)
-    config.max_steps = max_steps
-    config.warmup_steps = min(config.warmup_steps, max(1, max_steps // 10))
-    config.eval_interval = max(25, max_steps // 4)  # the trainer also evaluates and saves at the last step
-    config.save_interval = max(25, max_steps // 4)
-    config.log_interval = max(1, min(config.log_interval, max_steps // 20 or 1))
-    config.validate()
-    atomic_write_json(state_path, {**state, "max_steps": max_steps, "arch": arch})
-    train_tokens = config.max_steps * config.batch_size * config.gradient_accumulation_steps * config.model.max_seq_len
-    echo(f"[2/5] train: {arch} model, {max_steps} steps of {config.batch_size} x {config.model.max_seq_len} tokens "
-         f"({train_tokens:,} tokens) into {run_dir}")
-    from lunaris.train.trainer import train
-    result = train(config)
+    schedule(config, max_steps or state.get("max_steps") or calibrate_steps(config, minutes or 4.0))
+    atomic_write_json(state_path, {**state, "max_steps": config.max_steps, "arch": arch})
+    steps, trained = train_demo(config, arch, out, echo)
 
     from lunaris.evaluate import run_eval
     metrics = run_eval(run_dir, data=data_dir, device=device)
     baseline = unigram_baseline(data_dir, vocab_size)
-    # the trainer's val_loss covers its first eval_batches batches (fast, during training); this is the whole split
-    sampled = config.eval_batches * config.batch_size * config.model.max_seq_len
-    echo(f"[3/5] evaluate on the whole validation split: {metrics['tokens']:,} tokens (the trainer's val_loss above "
-         f"used its first {config.eval_batches} batches, {sampled:,} tokens)")
-    echo(f"      validation loss {metrics['loss']:.3f} nats/token (perplexity {metrics['perplexity']:.1f}, "
-         f"{metrics['bits_per_byte']:.3f} bits/byte); unigram baseline {baseline:.3f} nats/token")
-    if metrics["loss"] < baseline:
-        echo(f"      the model beats the best context-free predictor by {baseline - metrics['loss']:.3f} nats/token")
-    else:
-        echo(f"      not below the unigram baseline yet: train longer (lunaris demo --out {out} --max-steps "
-             f"{2 * result.step})")
-
-    from lunaris.evaluate import run_task_eval
-    task = run_task_eval(run_dir, ["embedded"], limit=task_examples, device=device)["tasks"]["python_next_line"]
-    above = task["acc"] - task["chance"]
-    echo(f"      python_next_line (a function's next line among 4, {task['examples']} held-out functions): accuracy "
-         f"{task['acc']:.3f} ± {task['acc_stderr']:.3f} (normalized {task['acc_norm']:.3f}), chance "
-         f"{task['chance']:.2f}"
-         + (f", {above / task['acc_stderr']:.1f} standard errors above" if above > 0 and task["acc_stderr"] else ""))
-
+    for line in evaluation_lines(metrics, baseline, config, trained, out, steps):
+        echo(line)
+    task = score_task(run_dir, device, task_examples, echo)
     echo("[4/5] sample from the prompt 'def ':")
     from lunaris.generate import run_generate
     sample = run_generate(run_dir, "def ", max_new_tokens=120, temperature=0.8, top_k=50, seed=0, device=device)
     echo("")
+    plot = plot_demo(run_dir, echo)
 
-    from lunaris.plot import plot_run
-    try:
-        plot = str(plot_run(run_dir))
-        echo(f"[5/5] loss curve: {plot}")
-    except LunarisError as exc:  # matplotlib missing: the rest of the demo stands
-        plot = None
-        echo(f"[5/5] no plot: {exc}")
-
-    summary = {"arch": arch, "steps": result.step, "val_loss": metrics["loss"], "unigram_baseline": baseline,
+    summary = {"arch": arch, "steps": steps, "val_loss": metrics["loss"], "unigram_baseline": baseline,
                "bits_per_byte": metrics["bits_per_byte"], "beats_unigram": metrics["loss"] < baseline,
                "task_accuracy": task["acc"], "task_accuracy_stderr": task["acc_stderr"],
                "task_accuracy_norm": task["acc_norm"], "task_chance": task["chance"],
                "sample": sample, "plot": plot, "run_dir": str(run_dir), "data_dir": str(data_dir),
                "seconds": round(time.time() - started, 1)}
-    atomic_write_json(state_path, {**summary, "max_steps": max_steps})
+    atomic_write_json(state_path, {**summary, "max_steps": config.max_steps})
     echo(next_steps(run_dir, data_dir, out))
     return summary
+
+
+def schedule(config, max_steps: int) -> None:
+    """The demo's schedule for a run of `max_steps`: a short warmup, four evaluations and checkpoints (the trainer
+    also evaluates and saves at the last step), about twenty log lines."""
+    config.max_steps = max_steps
+    config.warmup_steps = min(config.warmup_steps, max(1, max_steps // 10))
+    config.eval_interval = max(25, max_steps // 4)
+    config.save_interval = max(25, max_steps // 4)
+    config.log_interval = max(1, min(config.log_interval, max_steps // 20 or 1))
+    config.validate()
+
+
+def train_demo(config, arch: str, out: Path, echo) -> tuple:
+    """Train to config.max_steps, resuming the run's checkpoint; (the run's step, whether this call trained)."""
+    from lunaris.train.checkpoint import checkpoint_step, find_latest
+    run_dir = Path(config.out_dir)
+    latest = find_latest(run_dir) if run_dir.is_dir() else None
+    done = checkpoint_step(latest) if latest is not None else 0
+    if done >= config.max_steps:
+        echo(f"[2/5] train: {run_dir} is already trained to step {done} (to continue it: lunaris demo --out {out} "
+             f"--max-steps {2 * done})")
+        return done, False
+    tokens = config.max_steps * config.batch_size * config.gradient_accumulation_steps * config.model.max_seq_len
+    echo(f"[2/5] train: {arch} model, {config.max_steps} steps of "
+         f"{config.batch_size} x {config.model.max_seq_len} tokens ({tokens:,} tokens) into {run_dir}")
+    from lunaris.train.trainer import train
+    return train(config).step, True
+
+
+def evaluation_lines(metrics: dict, baseline: float, config, trained: bool, out: Path, steps: int) -> list:
+    """The [3/5] lines: validation loss on the whole split against the unigram baseline. When this call trained
+    (and so printed the trainer's val_loss), what that val_loss read: the first eval_batches batches of the split,
+    or the whole split once when it is smaller than that."""
+    heading = f"[3/5] evaluate on the whole validation split: {metrics['tokens']:,} tokens"
+    if trained:
+        batch_tokens = config.batch_size * config.model.max_seq_len
+        if config.eval_batches * batch_tokens < metrics["tokens"]:
+            heading += (f" (the trainer's val_loss above used its first {config.eval_batches} batches, "
+                        f"{config.eval_batches * batch_tokens:,} tokens)")
+        else:
+            heading += " (the trainer's val_loss above read the same tokens: the split is smaller than its " \
+                       f"{config.eval_batches} batches of {config.batch_size} x {config.model.max_seq_len})"
+    lines = [heading, f"      validation loss {metrics['loss']:.3f} nats/token (perplexity "
+                      f"{metrics['perplexity']:.1f}, {metrics['bits_per_byte']:.3f} bits/byte); unigram baseline "
+                      f"{baseline:.3f} nats/token"]
+    if metrics["loss"] < baseline:
+        lines.append(f"      the model beats the best context-free predictor by {baseline - metrics['loss']:.3f} "
+                     f"nats/token")
+    else:
+        lines.append(f"      not below the unigram baseline yet: train longer (lunaris demo --out {out} --max-steps "
+                     f"{2 * steps})")
+    return lines
+
+
+def score_task(run_dir: Path, device: str, examples: int, echo) -> dict:
+    """python_next_line (the embedded task) against chance."""
+    from lunaris.evaluate import run_task_eval
+    task = run_task_eval(run_dir, ["embedded"], limit=examples, device=device)["tasks"]["python_next_line"]
+    above = task["acc"] - task["chance"]
+    echo(f"      python_next_line (a function's next line among 4, {task['examples']} held-out functions): accuracy "
+         f"{task['acc']:.3f} ± {task['acc_stderr']:.3f} (normalized {task['acc_norm']:.3f}), chance "
+         f"{task['chance']:.2f}"
+         + (f", {above / task['acc_stderr']:.1f} standard errors above" if above > 0 and task["acc_stderr"] else ""))
+    return task
+
+
+def plot_demo(run_dir: Path, echo):
+    """The loss-curve plot's path, or None without matplotlib (the rest of the demo stands)."""
+    from lunaris.plot import plot_run
+    try:
+        plot = str(plot_run(run_dir))
+        echo(f"[5/5] loss curve: {plot}")
+        return plot
+    except LunarisError as exc:
+        echo(f"[5/5] no plot: {exc}")
+        return None
 
 
 def next_steps(run_dir: Path, data_dir: Path, out: Path) -> str:

@@ -5,6 +5,7 @@ Every problem a user can cause (a bad config, a missing file, a corrupt shard) i
 prints it without a traceback and exits with status 2 (`exit_status`).
 """
 
+import difflib
 import sys
 
 
@@ -13,7 +14,12 @@ class LunarisError(Exception):
 
 
 class ConfigError(LunarisError, ValueError):
-    """One or more invalid configuration values (all of them, in one message)."""
+    """One or more invalid configuration values (all of them, in one message); `problems` lists them one sentence
+    each, so a caller that reports them elsewhere (the sweep, per variant) never parses the message."""
+
+    def __init__(self, message: str, problems=None):
+        super().__init__(message)
+        self.problems = list(problems) if problems else [message]
 
 
 class DataError(LunarisError, ValueError):
@@ -22,6 +28,14 @@ class DataError(LunarisError, ValueError):
 
 class CheckpointError(LunarisError, ValueError):
     """A checkpoint that is missing, unreadable, or made for another configuration."""
+
+
+def suggest(word, candidates) -> str:
+    """' (did you mean 'x'?)' for the closest of `candidates` to `word`, or ''."""
+    if not isinstance(word, str):
+        return ""
+    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""
 
 
 def exit_status(run) -> int:

@@ -2,17 +2,10 @@
 
 import dataclasses
 
-import torch
 import yaml
 
 from lunaris.config import LunarisCodexConfig, TrainConfig, field_docs, load_config
-
-
-def build_on_meta(model_config: LunarisCodexConfig):
-    """The model with no memory allocated (parameter counting for any size)."""
-    from lunaris.model import LunarisCodex
-    with torch.device("meta"):
-        return LunarisCodex(model_config.sized())
+from lunaris.model import build_on_meta  # noqa: F401  (also importable from here, as before)
 
 
 def describe_config(path, overrides=None) -> str:

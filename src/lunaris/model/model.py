@@ -298,6 +298,13 @@ def merge_stats(layer_stats: list) -> dict:
     return {key: values[0] if len(values) == 1 else torch.stack(values).mean() for key, values in merged.items()}
 
 
+def build_on_meta(config: LunarisCodexConfig) -> LunarisCodex:
+    """The model on the meta device: no memory allocated, no weights drawn (parameter and FLOP counts at any size).
+    Values the training data fills in later (a document separator) get a placeholder (`config.sized()`)."""
+    with torch.device("meta"):
+        return LunarisCodex(config.sized())
+
+
 def model_from_checkpoint(path, device="cpu") -> LunarisCodex:
     """Build the model a checkpoint describes and load its weights, in eval mode, on `device`.
 
