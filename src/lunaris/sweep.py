@@ -168,10 +168,8 @@ def _launcher_world_size(launcher: list):
 
 
 def _problem_lines(exc: ConfigError) -> list:
-    """The individual problems of a ConfigError ('X has 2 problems:\\n  - a\\n  - b' -> [a, b])."""
-    lines = str(exc).splitlines()
-    items = [line[4:] for line in lines[1:] if line.startswith("  - ")]
-    return items if items and lines[0].endswith(":") else [str(exc)]
+    """The individual problems of a ConfigError."""
+    return exc.problems
 
 
 def _override_keys(overrides: list) -> dict:
