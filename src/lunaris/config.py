@@ -483,3 +483,10 @@ def field_docs(cls) -> list:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         rows.append((f.name, default, f.metadata.get("help", "")))
     return rows
+
+
+# the choice tuples earlier versions exported, read from the declarations
+COLLAB_MODES, LOAD_BALANCES, ATTENTION_MASKS = (choices(f"model.{k}") for k in ("collab_mode", "load_balance",
+                                                                               "attention_mask"))
+DEVICES, DTYPES, PARALLELISMS, OPTIMIZERS, LR_SCHEDULES = (choices(k) for k in ("device", "dtype", "parallelism",
+                                                                                 "optimizer", "lr_schedule"))
