@@ -9,6 +9,7 @@ import lunaris
 from lunaris import ConfigError, LunarisCodexConfig, TrainConfig, load_config
 from lunaris.cli import main
 from lunaris.config import model_config_from_dict
+from lunaris.taskspec import SPEC_HELP
 
 FIXTURES = Path(__file__).parent / "fixtures"
 DEMO_PRESET = Path(lunaris.__file__).parent / "presets" / "demo-cpu.yaml"
@@ -260,3 +261,101 @@ def test_collab_mode_none_is_the_top_k_mode_not_null(tmp_path):
     assert load_config(DEMO_PRESET, ["--model.n_experts=4", "--model.collab_mode=null"]).model.resolved_collab_mode \
         == "mha"
     assert load_config(DEMO_PRESET, ["--wandb_project=none"]).wandb_project is None    # elsewhere none is null
+
+
+# ---- one declared field per key, sections, problems as a list ---------------------------------------------------
+
+def test_a_config_error_carries_its_problems_one_by_one(tmp_path):
+    import pickle
+    path = write_yaml(tmp_path, {"model": {"d_model": 100, "n_heads": 16}, "batch_size": 0})
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == problem_lines(info)[1] and len(info.value.problems) == 2
+    assert pickle.loads(pickle.dumps(info.value)).problems == info.value.problems
+    assert ConfigError("one sentence.").problems == ["one sentence."]
+
+
+def test_choices_are_declared_once_and_the_cli_uses_them():
+    from lunaris.cli import build_parser
+    from lunaris.config import choices
+    assert choices("dtype") == ("auto", "bf16", "fp16", "fp32")
+    assert choices("model.collab_mode") == ("mha", "simple", "none") and choices("max_steps") == ()
+    with pytest.raises(KeyError):
+        choices("model.learning_rate")
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for command, option, key in (("generate", "--dtype", "dtype"), ("eval", "--dtype", "dtype"),
+                                 ("demo", "--device", "device")):
+        action = next(a for a in sub[command]._actions if option in a.option_strings)
+        assert tuple(action.choices) == choices(key), (command, option)
+
+
+def test_sections_group_the_declarations_but_keys_and_attributes_stay_flat():
+    from lunaris.config import field_docs
+    from lunaris.inspect_config import sections
+    config = TrainConfig()
+    flat = [name for name, _, _ in field_docs(TrainConfig)]
+    grouped = [row[0] for _, rows in sections(TrainConfig) for row in rows]
+    assert sorted(grouped) == sorted(flat) and len(set(grouped)) == len(grouped)  # each key in exactly one section
+    assert list(config.to_dict()) == ["model", *flat]                             # the model first, then flat keys
+    assert [title.split(":")[0] for title, _ in sections(TrainConfig)] == [
+        "Data and batches", "Optimizer", "Schedule", "Checkpoints", "Logging and evaluation", "Runtime"]
+    assert [title.split(" ")[1] for title, _ in sections(LunarisCodexConfig)] == ["architecture", "recipe", "MoC"]
+    assert config.learning_rate == 3e-4 and config.model.d_model == 768 and config.resolved_min_lr == 3e-4 / 10
+    assert dataclasses_replace_keeps_working()
+
+
+def dataclasses_replace_keeps_working() -> bool:
+    import dataclasses
+    model = dataclasses.replace(LunarisCodexConfig(), n_layers=2)
+    return model.n_layers == 2 and model.problems() == [] and dataclasses.asdict(model)["n_layers"] == 2
+
+
+def test_every_field_is_checked_against_its_declaration_even_without_loading():
+    # a config built in code: the same sentences as a loaded one; a rule never judges a value that is invalid itself
+    assert LunarisCodexConfig(n_heads=0).problems() == ["model.n_heads must be a positive integer, got 0."]
+    assert LunarisCodexConfig(n_kv_heads=0, collab_heads=-2).problems() == [
+        "model.n_kv_heads must be a positive integer or null, got 0.",
+        "model.collab_heads must be a positive integer or null, got -2."]
+    problems = TrainConfig(device="gpu", min_lr=1.0, eval_tasks=["x="], seed="s").problems()
+    assert problems == ["device must be one of auto, cuda, cpu, mps, got 'gpu' (did you mean 'cpu'?).",
+                        "seed must be an integer, got 's'.",
+                        "min_lr (1.0) must be between 0 and learning_rate (0.0003).",
+                        f"eval_tasks: task 'x=' has no path: {SPEC_HELP}."]
+
+
+def test_values_are_typed_from_the_declaration(tmp_path):
+    config = load_config(None, ["--max_steps=1e4", "--model.n_experts", "4", "--eval_tasks=embedded",
+                                "--model.collab_mode", "None", "--wandb_project=NULL"])
+    assert config.max_steps == 10000 and isinstance(config.max_steps, int) and config.model.n_experts == 4
+    assert config.eval_tasks == ["embedded"] and config.model.collab_mode is None and config.wandb_project is None
+    assert load_config(None, {"wandb_run_name": "007", "model": {"rope_theta": 500}}).wandb_run_name == "007"
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["--max_steps=2.5", "--compile_model=maybe", "--model.d_model=null", "--eval_tasks=7"])
+    assert problem_lines(info)[1] == [
+        "max_steps must be an integer, got 2.5 (from --max_steps=2.5).",
+        "compile_model must be true or false, got 'maybe' (from --compile_model=maybe).",
+        "model.d_model must not be null (from --model.d_model=null).",
+        f"eval_tasks: task 7 is not a task: {SPEC_HELP}."]
+
+
+def test_parse_overrides_nests_typed_values():
+    from lunaris.config import parse_overrides
+    assert parse_overrides(["--learning_rate=1e-3", "--model.n_layers", "4", "--wandb_run_name=null"]) == {
+        "learning_rate": 0.001, "model": {"n_layers": 4}, "wandb_run_name": None}
+    with pytest.raises(ConfigError) as info:
+        parse_overrides(["stray", "--max_steps"])
+    assert len(info.value.problems) == 2
+
+
+def test_the_config_imports_nothing_above_it():
+    # config -> config_sources, taskspec -> errors: the eval_tasks check no longer imports the tasks package
+    import ast
+    allowed = {"lunaris.config": {"lunaris.config_fields", "lunaris.config_sources", "lunaris.errors",
+                                  "lunaris.taskspec"},
+               "lunaris.config_fields": {"lunaris.errors"},
+               "lunaris.config_sources": {"lunaris.errors"}, "lunaris.taskspec": {"lunaris.errors"}}
+    for module, expected in allowed.items():
+        path = Path(lunaris.__file__).parent / f"{module.split('.')[1]}.py"
+        imported = {node.module for node in ast.walk(ast.parse(path.read_text()))
+                    if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lunaris")}
+        assert imported == expected, module

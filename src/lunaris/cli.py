@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from lunaris import __version__
+from lunaris.config import choices
 from lunaris.errors import LunarisError, exit_status
 
 
@@ -61,7 +62,7 @@ def add_config_parser(sub):
     p = sub.add_parser("config", help="validate a config, print it resolved with parameter count and FLOPs",
                        description="Validate CONFIG (plus --key=value overrides) and print the resolved config, "
                                    "the model's parameter count and training FLOPs per token.")
-    p.add_argument("config", nargs="?", help="YAML config file (omit with --reference)")
+    p.add_argument("config", nargs="?", help="YAML config file or preset name, e.g. dense-124m (omit with --reference)")
     p.add_argument("--reference", action="store_true", help="print the reference table of every config key (markdown)")
     p.set_defaults(func=cmd_config, accepts_overrides=True)
 
@@ -72,7 +73,9 @@ def cmd_config(args, overrides):
         print(reference_table())
         return 0
     if not args.config:
-        raise LunarisError("lunaris config needs a CONFIG file (or --reference for the key table).")
+        from lunaris.config_sources import preset_names
+        raise LunarisError(f"lunaris config needs a CONFIG: a YAML file or a preset ({', '.join(preset_names())}); "
+                           f"or --reference for the table of keys.")
     print(describe_config(args.config, overrides))
     return 0
 
@@ -170,7 +173,8 @@ def add_train_parser(sub):
                     "A run restarted with the same out_dir resumes from its newest checkpoint. Several processes: "
                     "torchrun --standalone --nproc_per_node=N -m lunaris train CONFIG.")
     p.add_argument("config", help="YAML config file, in the format shown in the README (model keys under "
-                                  "model:; `lunaris config --reference` lists every key)")
+                                  "model:; `lunaris config --reference` lists every key), or a preset's name "
+                                  "(dense-124m, demo-cpu, ...)")
     resume = p.add_mutually_exclusive_group()
     resume.add_argument("--resume", metavar="PATH", help="resume from this checkpoint file, FSDP checkpoint "
                         "directory, or run directory (default: out_dir's newest checkpoint, if any)")
@@ -219,7 +223,7 @@ def _add_held_out_args(p):
 
 def _add_device_args(p):
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    p.add_argument("--dtype", default="auto", choices=choices("dtype"),
                    help="weights and compute precision (auto: bf16 on GPUs that support it, else fp32)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: 1 for models under 50M parameters on "
                                                "a CPU, whose ops are too small for several threads; else torch's "
@@ -444,7 +448,7 @@ def add_demo_parser(sub):
     budget.add_argument("--minutes", type=float, help="training time budget of a new run (default 4)")
     budget.add_argument("--max-steps", type=int, help="train to exactly this many optimizer steps")
     p.add_argument("--arch", choices=["dense", "moc"], default="dense", help="model architecture (default dense)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="default auto")
+    p.add_argument("--device", default="auto", choices=choices("device"), help="default auto")
     p.add_argument("--corpus-mb", type=float, default=6.0, help="MB of standard-library source to use (default 6)")
     p.set_defaults(func=cmd_demo)
 

@@ -14,12 +14,18 @@ class LunarisError(Exception):
 
 
 class ConfigError(LunarisError, ValueError):
-    """One or more invalid configuration values (all of them, in one message); `problems` lists them one sentence
-    each, so a caller that reports them elsewhere (the sweep, per variant) never parses the message."""
+    """One or more invalid configuration values (all of them, in one message).
+
+    `problems` holds the sentences one by one (the message alone when it was raised with none), so code that
+    gathers problems from several configs (the sweep) never parses the message.
+    """
 
     def __init__(self, message: str, problems=None):
         super().__init__(message)
         self.problems = list(problems) if problems else [message]
+
+    def __reduce__(self):  # picklable with its problems (an exception pickles only its args by default)
+        return type(self), (str(self), self.problems)
 
 
 class DataError(LunarisError, ValueError):

@@ -1,10 +1,12 @@
 """`lunaris config`: show a resolved config with its model's size, and the reference table of keys."""
 
 import dataclasses
+import inspect
 
 import yaml
 
 from lunaris.config import LunarisCodexConfig, TrainConfig, field_docs, load_config
+from lunaris.config_fields import TYPE_WORDS, hints, range_text, unwrap
 from lunaris.model import build_on_meta  # noqa: F401  (also importable from here, as before)
 
 
@@ -31,12 +33,34 @@ def _format_default(value) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
+def sections(cls) -> list:
+    """`(title, [(name, default, allowed values in words, help)])` per section of a config class, in field order:
+    each section is a base class of `cls` (its docstring's first line is the title)."""
+    rows = {}
+    for name, default, text in field_docs(cls):
+        base, optional, options = unwrap(hints(cls)[name])
+        bounds = cls.__dataclass_fields__[name].metadata.get("bounds")
+        allowed = ("one of " + ", ".join(options) if options else
+                   range_text(base, bounds) if bounds else TYPE_WORDS[base])
+        rows[name] = (name, default, allowed + (" or null" if optional else ""), text)
+    grouped = []
+    for klass in reversed(cls.__mro__):
+        names = [name for name in inspect.get_annotations(klass) if name in rows]
+        if names and klass is not cls:
+            grouped.append((klass.__doc__.strip().splitlines()[0], [rows[name] for name in names]))
+    return grouped
+
+
 def reference_table() -> str:
-    """Markdown table of every key (model keys prefixed `model.`), default and meaning."""
-    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
-    keys = [(f"model.{name}", default, text) for name, default, text in field_docs(LunarisCodexConfig)]
-    keys += list(field_docs(TrainConfig))
-    for name, default, help_text in keys:
-        meaning = help_text.replace("|", "\\|")  # "mha | simple" would split the cell
-        rows.append(f"| `{name}` | `{_format_default(default)}` | {meaning} |")
-    return "\n".join(rows)
+    """Markdown tables of every key (model keys prefixed `model.`): default, allowed values and meaning, one table
+    per section."""
+    groups = [(title, "model.", rows) for title, rows in sections(LunarisCodexConfig)]
+    groups += [(title, "", rows) for title, rows in sections(TrainConfig)]
+    tables = []
+    for title, prefix, rows in groups:
+        lines = [f"**{title}**", "", "| key | default | value | meaning |", "| --- | --- | --- | --- |"]
+        for name, default, allowed, help_text in rows:
+            meaning = help_text.replace("|", "\\|")  # a "|" would split the cell
+            lines.append(f"| `{prefix}{name}` | `{_format_default(default)}` | {allowed} | {meaning} |")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
