@@ -14,6 +14,7 @@ import json
 import re
 import shlex
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -331,9 +332,15 @@ TEXTS = [
 ]
 
 
+@contextmanager
 def llama_cpp_model(path, **options):
+    """The GGUF file loaded by llama.cpp (through llama-cpp-python), freed on exit."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    return llama_cpp.Llama(str(path), verbose=False, **options)
+    llm = llama_cpp.Llama(str(path), verbose=False, **options)
+    try:
+        yield llm
+    finally:
+        llm.close()
 
 
 def python_functions(n: int) -> str:
@@ -387,13 +394,13 @@ def lunaris_tokenizer(run):
 def test_llama_cpp_tokenizes_text_exactly_as_lunaris(trained, tmp_path):
     run = trained["llama"]
     export_checkpoint(run, tmp_path / "model.gguf", fmt="gguf")
-    llm = llama_cpp_model(tmp_path / "model.gguf", vocab_only=True)
     tokenizer = lunaris_tokenizer(run)
-    for text in TEXTS:
-        ids = tokenizer.encode(text, add_special_tokens=False).ids  # as `lunaris generate` encodes a prompt
-        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, text
-        assert llm.detokenize(ids, special=True).decode() == text
-    assert llm.token_eos() == tokenizer.token_to_id(EOS)
+    with llama_cpp_model(tmp_path / "model.gguf", vocab_only=True) as llm:
+        for text in TEXTS:
+            ids = tokenizer.encode(text, add_special_tokens=False).ids  # as `lunaris generate` encodes a prompt
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, text
+            assert llm.detokenize(ids, special=True).decode() == text
+        assert llm.token_eos() == tokenizer.token_to_id(EOS)
 
 
 @pytest.mark.llamacpp
@@ -414,9 +421,9 @@ def test_llama_cpp_splits_text_as_the_llama3_and_qwen2_pre_tokenizers_do(trained
     model = LunarisCodex(tiny_model_config(vocab_size=1024)).eval()
     export_checkpoint(save_run(tmp_path / "run", model, tokenizer), tmp_path / "model.gguf", fmt="gguf")
     assert read_gguf(tmp_path / "model.gguf")[0]["tokenizer.ggml.pre"] == name
-    llm = llama_cpp_model(tmp_path / "model.gguf", vocab_only=True)
-    for text in TEXTS:
-        assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokenizer.encode(text).ids, text
+    with llama_cpp_model(tmp_path / "model.gguf", vocab_only=True) as llm:
+        for text in TEXTS:
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokenizer.encode(text).ids, text
 
 
 PROMPT = "def fibonacci(n):\n    "
@@ -434,30 +441,30 @@ def test_llama_cpp_gives_lunaris_logits_and_greedy_tokens(trained, tmp_path, cap
     ids = tokenizer.encode(PROMPT).ids
     eos = tokenizer.token_to_id(EOS)
     # fp32 everywhere: an fp32 KV cache (llama.cpp's default is fp16), logits of every position
-    llm = llama_cpp_model(tmp_path / "model.gguf", n_ctx=128, n_batch=128, n_ubatch=128, n_threads=1,
-                          logits_all=True, type_k=0, type_v=0)
-    llm.eval(ids)
-    with torch.no_grad():
-        expected = model(torch.tensor([ids])).logits[0].numpy()                       # (T, V)
-    np.testing.assert_allclose(llm.scores[:len(ids)], expected, rtol=0, atol=1e-3)
-
-    llm.reset()
-    greedy = []
-    for token in llm.generate(ids, temp=0.0, repeat_penalty=1.0):
-        if token == eos or len(greedy) == 64:
-            break
-        greedy.append(token)
+    with llama_cpp_model(tmp_path / "model.gguf", n_ctx=128, n_batch=128, n_ubatch=128, n_threads=1,
+                         logits_all=True, type_k=0, type_v=0) as llm:
+        llm.eval(ids)
+        with torch.no_grad():
+            expected = model(torch.tensor([ids])).logits[0].numpy()                   # (T, V)
+        np.testing.assert_allclose(llm.scores[:len(ids)], expected, rtol=0, atol=1e-4)
+        llm.reset()
+        greedy = []
+        for token in llm.generate(ids, temp=0.0, repeat_penalty=1.0):
+            if token == eos or len(greedy) == 64:
+                break
+            greedy.append(token)
+        text = llm.detokenize(greedy).decode()
     ours = model.generate([torch.tensor(ids)], 64, temperature=0, eos_token_id=eos)[0][len(ids):].tolist()
     assert greedy == [t for t in ours if t != eos]
     assert len(set(greedy)) >= 8, "a trained model's greedy continuation is not one token repeated"
     capsys.readouterr()
     assert main(["generate", "--checkpoint", str(run), "--prompt", PROMPT, "--temperature", "0",
                  "--max-new-tokens", "64"]) == 0
-    assert capsys.readouterr().out == PROMPT + llm.detokenize(greedy).decode() + "\n"
+    assert capsys.readouterr().out == PROMPT + text + "\n"
 
 
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("dtype, tolerance", [("fp16", 0.02), ("bf16", 0.1), ("q8_0", 0.1)])
+@pytest.mark.parametrize("dtype, tolerance", [("fp16", 2e-3), ("bf16", 1e-2), ("q8_0", 2e-2)])
 def test_llama_cpp_runs_the_half_precision_and_q8_0_files(trained, tmp_path, dtype, tolerance):
     from lunaris.train.checkpoint import model_from_checkpoint
 
@@ -465,11 +472,11 @@ def test_llama_cpp_runs_the_half_precision_and_q8_0_files(trained, tmp_path, dty
     export_checkpoint(run, tmp_path / "model.gguf", fmt="gguf", dtype=dtype)
     model = model_from_checkpoint(run)
     ids = lunaris_tokenizer(run).encode(TEXTS[0]).ids[:100]
-    llm = llama_cpp_model(tmp_path / "model.gguf", n_ctx=128, n_batch=128, n_ubatch=128, n_threads=1,
-                          logits_all=True)
-    llm.eval(ids)
+    with llama_cpp_model(tmp_path / "model.gguf", n_ctx=128, n_batch=128, n_ubatch=128, n_threads=1,
+                         logits_all=True) as llm:
+        llm.eval(ids)
+        scores = llm.scores[:len(ids)].copy()                                         # (T, V)
     with torch.no_grad():
         expected = model(torch.tensor([ids])).logits[0].numpy()
-    scores = llm.scores[:len(ids)]
-    assert np.abs(scores - expected).max() < tolerance * np.abs(expected).max()
-    assert (scores.argmax(-1) == expected.argmax(-1)).mean() > 0.9
+    assert 0 < np.abs(scores - expected).max() < tolerance * np.abs(expected).max()   # measured: 2e-4, 4e-3, 6e-3
+    assert (scores.argmax(-1) == expected.argmax(-1)).mean() > 0.95
