@@ -282,6 +282,23 @@ def test_a_tokenizer_llama_cpp_would_split_differently_is_a_clear_error(tmp_path
     assert not (tmp_path / "m.gguf").exists()
 
 
+def test_a_tokenizer_without_end_of_text_is_a_clear_error(tmp_path, capsys):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(["hello world"] * 5, trainers.BpeTrainer(
+        vocab_size=280, special_tokens=["</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    run = save_run(tmp_path / "run", trained_looking_model(), tokenizer)
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "m.gguf"), "--format", "gguf"]) == 2
+    assert "has no <|endoftext|> token" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "m.gguf"), "--format", "gguf",
+                 "--gguf", "q8_0"]) == 2
+    assert "with --format gguf, give its type with --dtype" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
 def test_without_the_gguf_package_the_error_says_what_to_install(tmp_path, monkeypatch):
     run = save_run(tmp_path / "run", trained_looking_model())
     monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` raises ImportError

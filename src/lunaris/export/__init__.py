@@ -57,7 +57,10 @@ def export_checkpoint(checkpoint, out_dir, tokenizer=None, fmt: str = "auto", dt
 
     if fmt not in FORMATS:
         raise LunarisError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}.")
-    if fmt == "gguf":
+    if fmt == "gguf":  # one GGUF file; --gguf is for a GGUF file beside a Hugging Face export
+        if gguf is not None:
+            raise LunarisError("--gguf adds a GGUF file to a Hugging Face export; with --format gguf, give its type "
+                               "with --dtype.")
         return export_gguf(checkpoint, out_dir, tokenizer, dtype, force)
     if dtype not in DTYPE_NAMES:
         raise LunarisError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}.")

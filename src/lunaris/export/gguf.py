@@ -23,6 +23,7 @@ from pathlib import Path
 from lunaris.errors import LunarisError
 from lunaris.export.llama import llama_compatible, llama_state_dict, qwen3_compatible, qwen3_state_dict
 from lunaris.fileio import fsync_dir, temp_path
+from lunaris.runtime import END_OF_TEXT
 
 GGUF_TYPES = ("fp32", "fp16", "bf16", "q8_0")
 GGUF_FILE = "model.gguf"  # the name `--gguf` writes into a Hugging Face export directory
@@ -100,7 +101,8 @@ def export_gguf(checkpoint, out, tokenizer=None, dtype: str = "fp32", force: boo
 
 
 def write_gguf(model, tokenizer_path, path, gguf_type: str, name: str = "lunaris") -> str:
-    """Write `model` and its tokenizer as the GGUF file `path` (atomically); returns the architecture."""
+    """Write `model` and its tokenizer as the GGUF file `path` (atomically), named `name` (general.name, which
+    llama.cpp and Ollama show); returns the architecture."""
     gguf = gguf_package()
     architecture = check_gguf(model.config, gguf_type)
     writer = gguf.GGUFWriter(None, architecture)
@@ -193,6 +195,11 @@ def add_tokenizer(writer, tokenizer_path: Path, vocab_size: int) -> None:
     from lunaris.generate import end_of_text_id, load_tokenizer
 
     eos = end_of_text_id(load_tokenizer(tokenizer_path, vocab_size))  # also checks the ids fit the model
+    if eos is None:
+        raise LunarisError(f"{tokenizer_path} has no {END_OF_TEXT} token. Lunaris ends documents and generation with "
+                           f"it, and a GGUF file without an end-of-text id makes llama.cpp stop at token 11 instead. "
+                           f"GGUF export needs a tokenizer with {END_OF_TEXT} (the one `lunaris prepare "
+                           f"--vocab-size` trains has it); export this model for Hugging Face instead.")
     data = json.loads(tokenizer_path.read_text(encoding="utf-8"))
     tokens, types = token_list(data, vocab_size)
     writer.add_tokenizer_model("gpt2")
@@ -201,10 +208,9 @@ def add_tokenizer(writer, tokenizer_path: Path, vocab_size: int) -> None:
     writer.add_token_types(types)
     # tokenizers writes merges as "a b" (before 0.20) or ["a", "b"]; GGUF holds "a b"
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]])
-    if eos is not None:  # pre-training has no BOS or padding token: <|endoftext|> stands for both, as in generate
-        writer.add_bos_token_id(eos)
-        writer.add_eos_token_id(eos)
-        writer.add_pad_token_id(eos)
+    writer.add_eos_token_id(eos)
+    writer.add_bos_token_id(eos)  # pre-training has no BOS or padding token: <|endoftext|> stands for both
+    writer.add_pad_token_id(eos)
     writer.add_add_bos_token(False)
     writer.add_add_eos_token(False)
     template = chat_template(tokenizer_path)
