@@ -1,6 +1,6 @@
 """`lunaris export`: a checkpoint -> a Hugging Face model directory.
 
-Three formats:
+Four formats:
 - `llama`: a dense model with one IRL step is exactly `LlamaForCausalLM` (see llama.py), so every tool
   that reads Llama reads it, no Lunaris code needed;
 - `qwen3`: the same with qk_norm (and no norm biases) is exactly `Qwen3ForCausalLM`;
