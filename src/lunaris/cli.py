@@ -332,17 +332,25 @@ def cmd_analyze(args, overrides):
 
 
 def add_export_parser(sub):
-    p = sub.add_parser("export", help="write a Hugging Face model directory (Llama, Qwen3, or Lunaris remote code)",
+    p = sub.add_parser("export", help="write a Hugging Face model directory (Llama, Qwen3, or Lunaris remote code) "
+                                      "or a GGUF file for llama.cpp",
                        description="Export a checkpoint as a Hugging Face model directory: model.safetensors, "
                                    "config.json, generation_config.json and tokenizer files. A dense model with "
                                    "n_reasoning_steps 1 becomes LlamaForCausalLM (with qk_norm: Qwen3ForCausalLM); "
                                    "other models (MoC, IRL, logit_softcap, attention_mask: document) carry their "
-                                   "modeling code (load with trust_remote_code=True).")
+                                   "modeling code (load with trust_remote_code=True). --format gguf writes the "
+                                   "Llama or Qwen3 model as one GGUF file for llama.cpp, Ollama and LM Studio.")
     _add_model_source(p)
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory (new or empty, see --force)")
-    p.add_argument("--format", default="auto", choices=["auto", "llama", "qwen3", "lunaris"],
-                   help="auto: llama (or qwen3) when the model allows it, else lunaris (remote code)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="dtype of the saved weights")
+    p.add_argument("--out", required=True, metavar="PATH",
+                   help="output directory (new or empty, see --force); with --format gguf the .gguf file")
+    p.add_argument("--format", default="auto", choices=["auto", "llama", "qwen3", "lunaris", "gguf"],
+                   help="auto: llama (or qwen3) when the model allows it, else lunaris (remote code); gguf: one "
+                        "GGUF file (dense models that export as llama or qwen3)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16", "q8_0"],
+                   help="dtype of the saved weights (q8_0, 8-bit blocks: GGUF only)")
+    p.add_argument("--gguf", nargs="?", const="", metavar="TYPE",
+                   help="also write model.gguf into the Hugging Face directory, in TYPE (fp32, fp16, bf16 or q8_0; "
+                        "default: --dtype)")
     p.add_argument("--tokenizer", metavar="FILE", help="tokenizer.json to use instead of the run directory's")
     p.add_argument("--force", action="store_true", help="replace the exported files of a non-empty --out")
     p.set_defaults(func=cmd_export)
@@ -350,12 +358,18 @@ def add_export_parser(sub):
 
 def cmd_export(args, overrides):
     from lunaris.export import export_checkpoint
+    gguf = None if args.gguf is None else args.gguf or args.dtype
     summary = export_checkpoint(args.checkpoint, args.out, tokenizer=args.tokenizer, fmt=args.format,
-                                dtype=args.dtype, force=args.force)
+                                dtype=args.dtype, force=args.force, gguf=gguf)
     loader = {"llama": "LlamaForCausalLM.from_pretrained(DIR)", "qwen3": "Qwen3ForCausalLM.from_pretrained(DIR)"}.get(
         summary["format"], "AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)")
-    print(f"exported {summary['parameters']:,} parameters ({summary['dtype']}) as {summary['format']} to "
-          f"{summary['out_dir']}: {', '.join(summary['files'])}\nload it with transformers: {loader}")
+    where = args.out if summary["format"] == "gguf" else f"{summary['out_dir']}: {', '.join(summary['files'])}"
+    print(f"exported {summary['parameters']:,} parameters ({summary['dtype']}) as {summary['format']} to {where}")
+    if summary["format"] != "gguf":
+        print(f"load it with transformers: {loader}")
+    if summary["format"] == "gguf" or gguf is not None:
+        path = args.out if summary["format"] == "gguf" else f"{summary['out_dir']}/model.gguf"
+        print(f"run it with llama.cpp: llama-completion -m {path} -no-cnv -p PROMPT (or llama-server -m {path})")
     return 0
 
 

@@ -1,12 +1,14 @@
 """`lunaris export`: a checkpoint -> a Hugging Face model directory.
 
-Three formats:
+Four formats:
 - `llama`: a dense model with one IRL step is exactly `LlamaForCausalLM` (see llama.py), so every tool
   that reads Llama reads it, no Lunaris code needed;
 - `qwen3`: the same with qk_norm (and no norm biases) is exactly `Qwen3ForCausalLM`;
 - `lunaris`: any model (MoC, IRL > 1, logit_softcap, attention_mask: document) with its own modeling code in the
   directory and `auto_map`, loaded with `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` (see
-  remote_code.py).
+  remote_code.py);
+- `gguf`: one GGUF file for llama.cpp (Ollama, LM Studio) instead of a directory, for the models `llama` and `qwen3`
+  take (see gguf.py); `gguf=TYPE` also writes it into a Hugging Face directory as model.gguf.
 
 The directory is written under a temporary name beside `out` and renamed when complete, so an interrupted
 export never leaves a half-written model; `transformers` is not needed to export.
@@ -23,6 +25,7 @@ from safetensors.torch import save_file
 
 from lunaris.data.tokenizer import end_of_text_id, find_tokenizer, load_tokenizer
 from lunaris.errors import LunarisError
+from lunaris.export.gguf import GGUF_FILE, check_gguf, export_gguf, write_gguf
 from lunaris.export.llama import (
     llama_compatible,
     llama_config,
@@ -37,19 +40,28 @@ from lunaris.fileio import move_into
 from lunaris.model import model_from_checkpoint
 from lunaris.runtime import END_OF_TEXT
 
-FORMATS = ("auto", "llama", "qwen3", "lunaris")
+FORMATS = ("auto", "llama", "qwen3", "lunaris", "gguf")
 DTYPE_NAMES = {"fp32": (torch.float32, "float32"), "bf16": (torch.bfloat16, "bfloat16"),
                "fp16": (torch.float16, "float16")}
 # every file an export can write: replacing an export removes those the new one does not write
 EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                "tokenizer_config.json", "special_tokens_map.json", "configuration_lunaris.py", "modeling_lunaris.py")
+                "tokenizer_config.json", "special_tokens_map.json", "configuration_lunaris.py", "modeling_lunaris.py",
+                GGUF_FILE)
 
 
 def export_checkpoint(checkpoint, out_dir, tokenizer=None, fmt: str = "auto", dtype: str = "fp32",
-                      force: bool = False) -> dict:
-    """Export a checkpoint (file or run directory) to `out_dir`; returns a summary (format, files, parameters)."""
+                      force: bool = False, gguf: str = None) -> dict:
+    """Export a checkpoint (file or run directory) to `out_dir`; returns a summary (format, files, parameters).
+
+    fmt "gguf" writes the GGUF file `out_dir` (a name ending in .gguf) instead; `gguf` (fp32, fp16, bf16, q8_0)
+    also writes model.gguf into the Hugging Face directory."""
     if fmt not in FORMATS:
         raise LunarisError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}.")
+    if fmt == "gguf":  # one GGUF file; --gguf is for a GGUF file beside a Hugging Face export
+        if gguf is not None:
+            raise LunarisError("--gguf adds a GGUF file to a Hugging Face export; with --format gguf, give its type "
+                               "with --dtype.")
+        return export_gguf(checkpoint, out_dir, tokenizer, dtype, force)
     if dtype not in DTYPE_NAMES:
         raise LunarisError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}.")
     out_dir = Path(out_dir)
@@ -59,6 +71,8 @@ def export_checkpoint(checkpoint, out_dir, tokenizer=None, fmt: str = "auto", dt
     model = model_from_checkpoint(checkpoint)
     config = model.config
     fmt = choose_format(fmt, config)
+    if gguf is not None:
+        check_gguf(config, gguf, "--gguf")  # a model llama.cpp cannot run fails before anything is written
     tokenizer_path = find_tokenizer(checkpoint, tokenizer)
     eos = end_of_text_id(load_tokenizer(tokenizer_path, config.vocab_size))
     torch_dtype, dtype_name = DTYPE_NAMES[dtype]
@@ -72,6 +86,8 @@ def export_checkpoint(checkpoint, out_dir, tokenizer=None, fmt: str = "auto", dt
         write_json(temp / "config.json", hf_config)
         write_json(temp / "generation_config.json", generation_config(eos))
         write_tokenizer_files(temp, tokenizer_path, eos, config.max_seq_len)
+        if gguf is not None:
+            write_gguf(model, tokenizer_path, temp / GGUF_FILE, gguf, name=out_dir.name)
         if fmt == "lunaris":
             (temp / "configuration_lunaris.py").write_text(configuration_source(), encoding="utf-8")
             (temp / "modeling_lunaris.py").write_text(modeling_source(), encoding="utf-8")
