@@ -15,7 +15,7 @@ py="$work/venv/bin/python"
 "$py" -m pip install -q --upgrade pip
 "$py" -m pip install -q "torch==2.13.0"
 "$py" -m pip freeze > "$work/torch.txt"
-"$py" -m pip install -q -e ".[dev]"
+"$py" -m pip install -q -e ".[dev,llamacpp]"   # llamacpp: pinned too (it compiles llama.cpp: minutes of CPU)
 "$py" -m pytest tests -q -p no:cacheprovider
 "$py" - "$work/torch.txt" > "$work/constraints.txt" <<'PY'
 import re
