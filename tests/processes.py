@@ -8,6 +8,7 @@ not the process group) and reports the output of every process the test started,
 """
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -60,6 +61,21 @@ def kill_tree(pid: int) -> None:
             os.kill(target, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+def python_stacks(pids: list) -> list:
+    """`py-spy dump` of each pid (every thread's Python stack), or nothing when py-spy is not installed."""
+    spy = shutil.which("py-spy")
+    if spy is None:
+        return []
+    dumps = []
+    for pid in pids:
+        try:
+            dump = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30)
+            dumps.append(f"--- stacks of {pid} ({command_line(pid)[:120]}):\n{dump.stdout or dump.stderr}")
+        except (OSError, subprocess.TimeoutExpired) as error:
+            dumps.append(f"--- stacks of {pid}: py-spy failed: {error}")
+    return dumps
 
 
 # Helpers that live as long as the test process, on purpose: inductor's compile-worker pool, and multiprocessing's
@@ -116,11 +132,14 @@ class Processes:
         return max(process.out_path.stat().st_mtime, process.err_path.stat().st_mtime)
 
     def report(self, headline: str) -> str:
-        """The headline and the tail of every started process's output."""
+        """The headline and the tail of every started process's output; for a process still running, the Python
+        stacks of it and its descendants (when py-spy is installed) so that a hang says where it hangs."""
         parts = [headline]
         for process in self.started:
             status = "running" if process.poll() is None else f"exit {process.returncode}"
             parts.append(f"----- {process.name} ({status}):\n{self.output(process)[-TAIL:]}")
+            if process.poll() is None:
+                parts.extend(python_stacks([process.pid, *descendants(process.pid)]))
         return "\n".join(parts)
 
     def fail(self, headline: str):

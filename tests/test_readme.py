@@ -50,7 +50,7 @@ def test_ci_runs_the_readme_setup_and_test_commands():
 
 
 def test_runnable_python_examples_run(tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)
+    monkeypatch.chdir(tmp_path)   # outside the repository, as after `pip install`: presets load by name
     blocks = fenced_blocks("python", "runnable")
     assert blocks
     for code in blocks:

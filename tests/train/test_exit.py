@@ -37,16 +37,22 @@ for cycle in range(int(sys.argv[1])):
 print("cycles done", flush=True)
 """
 PAIRS = 5            # each: a c10d launch from scratch, then a static-rendezvous launch that resumes it
-EXIT_SECONDS = 30.0
+EXIT_SECONDS = 30.0  # from a launch's last output line, once it printed "finished", to the exit of all its nodes
+RUN_SECONDS = 300.0  # to reach "finished": start-up alone (imports, rendezvous) takes tens of seconds under load
 
 
 def wait_for_exit(launches: Processes, nodes: list, what: str) -> float:
-    """Wait until every node of a launch exits; fail (killing all) when one runs EXIT_SECONDS past its last line.
-    Returns the longest time from a node's last output to the launch's exit."""
+    """Wait until every node of a launch exits; fail (killing all) when one runs EXIT_SECONDS past its last line
+    after the run printed "finished" (or RUN_SECONDS in all). Returns the longest time from the launch's last
+    output to its exit."""
+    started = time.time()
     while any(node.poll() is None for node in nodes):
+        finished = any("finished" in launches.output(node) for node in nodes)
         quiet = time.time() - max(launches.last_output_time(node) for node in nodes)
-        if quiet > EXIT_SECONDS:
+        if finished and quiet > EXIT_SECONDS:
             launches.fail(f"{what}: still running {quiet:.0f} s after its last output line:")
+        if time.time() - started > RUN_SECONDS:
+            launches.fail(f"{what}: not finished after {RUN_SECONDS:.0f} s:")
         time.sleep(0.2)
     waited = time.time() - max(launches.last_output_time(node) for node in nodes)
     codes = [node.returncode for node in nodes]

@@ -3,7 +3,7 @@ batches, and report.
 
 A sweep file (YAML)::
 
-    base: ../configs/small.yaml     # a config file, relative to this file (or `config:` with the config inline)
+    base: ../configs/small.yaml     # a config file relative to this file, or a preset's name (or `config:` inline)
     overrides: ["--data_dir=runs/demo/data"]   # applied to every variant (optional)
     budget:
       flops: 2.0e13                 # exactly one of: flops (training FLOPs per run), tokens, seconds (training time)

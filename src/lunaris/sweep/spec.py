@@ -12,11 +12,12 @@ from typing import Optional
 import yaml
 
 from lunaris.config import load_config, parse_overrides, raise_problems, read_yaml
+from lunaris.config_sources import PRESETS, preset_names
 from lunaris.errors import ConfigError, suggest
 from lunaris.sweep.plan import budget_steps, variant_cost
 
 KEYS = {  # the sweep file's keys: what each value must be
-    "base": "a config file, relative to the sweep file",
+    "base": "a config file, relative to the sweep file, or a preset's name (demo-cpu)",
     "config": "the config inline, as in a config file",
     "overrides": "--key=value strings applied to every variant",
     "budget": "exactly one of flops (training FLOPs per run), tokens, seconds (training time)",
@@ -136,18 +137,21 @@ def _read_base(data: dict, path: Path, problems: list) -> tuple:
     elif base is not None:
         if not isinstance(base, str):
             problems.append(f"base must be the path of a config file, got {base!r}.")
-        elif not (path.parent / base).is_file():
-            problems.append(f"base config {base} does not exist (paths are relative to the sweep file: "
-                            f"{path.parent / base}).")
-        else:
+        elif (path.parent / base).is_file():
             return path.parent / base, None
+        elif base in preset_names():
+            return PRESETS / f"{base}.yaml", None
+        else:
+            problems.append(f"base config {base} does not exist (paths are relative to the sweep file: "
+                            f"{path.parent / base}); give a config file or a preset's name "
+                            f"({', '.join(preset_names())}).")
     elif config is not None:
         if isinstance(config, dict):
             return None, config
         problems.append(f"config must be a mapping (the config inline, as in a config file), got {config!r}.")
     else:
-        problems.append("base is missing: set base to a config file (relative to the sweep file), or config to the "
-                        "config inline.")
+        problems.append("base is missing: set base to a config file (relative to the sweep file) or a preset's "
+                        "name, or config to the config inline.")
     return None, None
 
 
