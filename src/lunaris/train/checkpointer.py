@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from lunaris.errors import CheckpointError, LunarisError
+from lunaris.fileio import disk_full_error
 from lunaris.train import checkpoint as ckpt
 from lunaris.train.distributed import DistInfo, gather_objects, raise_together
 
@@ -120,22 +121,40 @@ class Checkpointer:
 
     # ---- saving ----
     def save(self, model, optimizer, trainer_state: dict, step: int, final: bool) -> Path:
-        """Write the checkpoint of `step` (model, optimizer and `trainer_state`); returns its path."""
+        """Write the checkpoint of `step` (model, optimizer and `trainer_state`); returns its path.
+
+        A write that fails (a full disk, on any rank) raises a LunarisError on every rank, after the partly written
+        checkpoint is deleted; the newest complete one stays as it was."""
         cfg = self.config
         update_latest = cfg.save_latest_always or final
-        if self.fsdp:
-            return ckpt.save_distributed_checkpoint(model, optimizer, trainer_state, self.out_dir, step,
-                                                    cfg.keep_last, update_latest, self.info.rank)
-        path, error = self.out_dir / f"ckpt_{step}.pt", None
-        if self.info.is_main:
-            state = {**trainer_state, "model": ckpt.clean_state_dict(model.state_dict()),
-                     "optimizer": optimizer.state_dict()}
-            try:
+        path, error = self.out_dir / (f"ckpt_{step}" if self.fsdp else f"ckpt_{step}.pt"), None
+        try:
+            if self.fsdp:
+                ckpt.save_distributed_checkpoint(model, optimizer, trainer_state, self.out_dir, step,
+                                                 cfg.keep_last, update_latest, self.info)
+            elif self.info.is_main:
+                state = {**trainer_state, "model": ckpt.clean_state_dict(model.state_dict()),
+                         "optimizer": optimizer.state_dict()}
                 ckpt.save_checkpoint(state, self.out_dir, step, cfg.keep_last, update_latest)
-            except OSError as exc:
-                error = CheckpointError(
-                    f"could not write checkpoint {path} ({exc.strerror or exc}); the previous checkpoint in "
-                    f"{self.out_dir} is intact. Free disk space (lower keep_last) or choose another out_dir, "
-                    f"then restart the same command to resume.")
+        except LunarisError as exc:  # FSDP: another rank's write failed
+            error = exc
+        except BaseException as exc:  # whatever the writer raised (torch's zip writer: a RuntimeError)
+            error = self.save_failure(exc, path)
+            if error is None:
+                raise
         raise_together(error, self.info)  # also the barrier: no rank runs ahead of a failed save
         return path
+
+    def save_failure(self, exc: BaseException, path: Path) -> Optional[LunarisError]:
+        """The message for a checkpoint write that failed: a full disk, quota or read-only directory (any other
+        OSError too); None for other errors (a bug, Ctrl-C), which keep their traceback."""
+        kept, then = ckpt.resume_note(self.out_dir)
+        if path.exists():  # the checkpoint is whole: what failed is the `latest_checkpoint` link to it
+            path = self.out_dir / (ckpt.LATEST_DIR if self.fsdp else ckpt.LATEST_FILE)
+        else:
+            kept = f"What it had written was deleted. {kept}"
+        error = disk_full_error(exc, f"checkpoint {path}", kept, then)
+        if error is None and isinstance(exc, OSError):
+            error = CheckpointError(f"could not write checkpoint {path} ({exc.strerror or exc}). {kept} Check "
+                                    f"out_dir {self.out_dir} (or choose another), then {then}.")
+        return error
