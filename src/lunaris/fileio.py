@@ -103,11 +103,14 @@ def fsync_dir(directory) -> None:
 def atomic_open(path, mode: str = "w", before_rename=None):
     """`with atomic_open(path, "wb") as f: ...` writes `path` atomically; on an error the target is untouched.
 
-    `before_rename` is called after the data is on disk and before the rename (tests pause there to kill).
+    `before_rename` is called after the data is on disk and before the rename (tests pause there to kill). A write
+    that fails for lack of space or of write access raises the DiskError of `disk_full_error` (a writer that knows
+    more, such as what a run resumes from, rebuilds it with `on_full_disk`); any other failure passes unchanged.
     """
     path = Path(path)
     temp = temp_path(path)
     encoding = None if "b" in mode else "utf-8"
+    existed = path.exists()
     try:
         with open(temp, mode, encoding=encoding) as f:
             yield f
@@ -116,9 +119,12 @@ def atomic_open(path, mode: str = "w", before_rename=None):
         if before_rename is not None:
             before_rename()
         os.replace(temp, path)
-    except BaseException:
+    except BaseException as exc:
         _remove(temp)
-        raise
+        error = disk_full_error(exc, path, f"The previous {path.name} is unchanged." if existed else "")
+        if error is None:
+            raise
+        raise error from exc
     fsync_dir(path.parent)
 
 

@@ -130,6 +130,48 @@ def test_a_disk_problem_is_recognised_by_its_cause_whatever_wraps_it(tmp_path, c
             raise ValueError("not the disk")
 
 
+@pytest.mark.parametrize("form", FORMS)
+def test_every_atomic_write_says_so_and_keeps_the_previous_file(tmp_path, monkeypatch, form):
+    """fileio's atomic writes (manifests, shards, reports, run files): the clear message, the old file unchanged."""
+    from lunaris.fileio import atomic_open, atomic_write_json
+    target = tmp_path / "report.json"
+    atomic_write_json(target, {"old": True})
+    with full_disk.failing_writes(monkeypatch, ".report.json.tmp", room=3, at=form):
+        with pytest.raises(DiskError) as raised:
+            atomic_write_json(target, {"new": list(range(1000))})
+    assert str(raised.value) == (f"could not write {target}: the disk is full (No space left on device). The "
+                                 f"previous report.json is unchanged. Free disk space, then run the same command "
+                                 f"again.")
+    assert target.read_text() == '{\n  "old": true\n}\n' and temporaries(tmp_path) == []
+    with full_disk.failing_writes(monkeypatch, ".new.pt.tmp", room=1000, at=form):
+        with pytest.raises(DiskError, match="new.pt: the disk is full") as raised:
+            with atomic_open(tmp_path / "new.pt", "wb") as f:
+                torch.save({"x": torch.zeros(10_000)}, f)   # "write": torch's RuntimeError inside the block
+    assert "previous" not in str(raised.value) and temporaries(tmp_path) == []
+    with pytest.raises(KeyError):                       # any other failure passes unchanged
+        with atomic_open(tmp_path / "other.txt") as f:
+            raise KeyError("not the disk")
+    assert temporaries(tmp_path) == []
+
+
+def test_prepare_on_a_full_disk(tmp_path, monkeypatch, capsys):
+    """`lunaris prepare` (its shards): the message, exit status 2, no staging directory left; then it succeeds."""
+    import json
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps({"text": f"the quick brown fox {i} jumps over the lazy dog"}) + "\n"
+                              for i in range(200)))
+    out = tmp_path / "data"
+    command = ["prepare", str(source), "--out", str(out), "--vocab-size", "300", "--val-tokens", "100",
+               "--shard-tokens", "1000", "--no-progress"]
+    with full_disk.failing_writes(monkeypatch, ".shard_00000.npy.tmp", room=100):
+        status = cli_main(command)
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err, err
+    assert err.startswith("error: could not write ") and "shard_00000.npy: the disk is full" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]            # nothing half-made
+    assert cli_main(command) == 0 and (out / "manifest.json").is_file()
+
+
 # ---- checkpoints ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("form", ["real", *FORMS])

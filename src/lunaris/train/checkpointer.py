@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from lunaris.errors import CheckpointError, LunarisError
-from lunaris.fileio import disk_full_error
+from lunaris.fileio import disk_full_error, disk_problem
 from lunaris.train import checkpoint as ckpt
 from lunaris.train.distributed import DistInfo, gather_objects, raise_together
 
@@ -136,8 +136,6 @@ class Checkpointer:
                 state = {**trainer_state, "model": ckpt.clean_state_dict(model.state_dict()),
                          "optimizer": optimizer.state_dict()}
                 ckpt.save_checkpoint(state, self.out_dir, step, cfg.keep_last, update_latest)
-        except LunarisError as exc:  # FSDP: another rank's write failed
-            error = exc
         except BaseException as exc:  # whatever the writer raised (torch's zip writer: a RuntimeError)
             error = self.save_failure(exc, path)
             if error is None:
@@ -148,6 +146,8 @@ class Checkpointer:
     def save_failure(self, exc: BaseException, path: Path) -> Optional[LunarisError]:
         """The message for a checkpoint write that failed: a full disk, quota or read-only directory (any other
         OSError too); None for other errors (a bug, Ctrl-C), which keep their traceback."""
+        if isinstance(exc, LunarisError) and disk_problem(exc) is None:
+            return exc  # FSDP: another rank's write failed (its message is on that rank)
         kept, then = ckpt.resume_note(self.out_dir)
         if path.exists():  # the checkpoint is whole: what failed is the `latest_checkpoint` link to it
             path = self.out_dir / (ckpt.LATEST_DIR if self.fsdp else ckpt.LATEST_FILE)
