@@ -315,6 +315,7 @@ def test_metrics_on_a_really_full_disk(disk, tmp_path, monkeypatch, train_config
     status = cli_main(["train", str(config), "--max_steps=40"])                      # still full
     err = capsys.readouterr().err
     assert status == 2 and "Traceback" not in err and "is not writable (No space left on device)" in err, err
+    assert not list(out.glob(".write-test-*")) and temporaries(out) == []          # its probe is gone too
 
     (disk / "ballast").unlink()
     assert cli_main(["train", str(config), "--max_steps=40"]) == 0

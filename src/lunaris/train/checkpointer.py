@@ -7,6 +7,7 @@ rank 0 alone writes a whole-model file (single process, DDP), every rank writes 
 
 import os
 import sys
+from contextlib import suppress
 from pathlib import Path
 from typing import Optional
 
@@ -18,18 +19,20 @@ from lunaris.train.distributed import DistInfo, gather_objects, raise_together
 
 def check_out_dir_writable(out_dir: Path) -> None:
     """Create `out_dir` and write a probe file, so a bad path fails now rather than at the first save."""
+    probe = out_dir / f".write-test-{os.getpid()}"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{os.getpid()}"
         with open(probe, "wb") as f:
             f.write(b"ok")
             f.flush()
             os.fsync(f.fileno())
-        probe.unlink()
     except OSError as exc:
         raise LunarisError(f"out_dir {out_dir} is not writable ({exc.strerror or exc}): checkpoints and "
                            f"metrics could not be saved. Choose another out_dir (e.g. --out_dir=runs/my-run) or "
                            f"fix the directory's permissions and free space.") from None
+    finally:
+        with suppress(OSError):  # a full disk leaves no empty probe behind either
+            probe.unlink(missing_ok=True)
 
 
 def describe_error(exc: BaseException) -> str:
