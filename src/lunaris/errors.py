@@ -36,6 +36,11 @@ class CheckpointError(LunarisError, ValueError):
     """A checkpoint that is missing, unreadable, or made for another configuration."""
 
 
+class DiskError(LunarisError, OSError):
+    """A file could not be written because its disk is full, over quota or read-only (lunaris.fileio says which,
+    what is still safe on disk, and what to do)."""
+
+
 def suggest(word, candidates) -> str:
     """' (did you mean 'x'?)' for the closest of `candidates` to `word`, or ''."""
     if not isinstance(word, str):

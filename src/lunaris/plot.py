@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lunaris import metrics as names
 from lunaris.errors import LunarisError
-from lunaris.fileio import atomic_open
+from lunaris.fileio import atomic_open, on_full_disk
 
 PANELS = [  # (title, metric names drawn in it)
     ("loss", [names.LOSS_TOTAL, names.LOSS_MAIN, names.VAL_LOSS]),
@@ -182,7 +182,12 @@ def plot_run(run_dir, out=None) -> Path:
                            "(or pip install matplotlib).") from None
     fig = figure(read_metrics(run_dir))
     out = Path(out) if out else (Path(run_dir) if Path(run_dir).is_dir() else Path(run_dir).parent) / "training.png"
-    with atomic_open(out, "wb") as f:
-        fig.savefig(f, dpi=DPI, format=out.suffix.lstrip(".") or "png")
-    plt.close(fig)
+    kept = f"The previous {out.name} is unchanged." if out.exists() else "No partial file was left."
+    try:
+        with on_full_disk(out, lambda: (kept, "run the same command again (or write the figure elsewhere with "
+                                              "--out FILE)")):
+            with atomic_open(out, "wb") as f:
+                fig.savefig(f, dpi=DPI, format=out.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return out

@@ -7,11 +7,13 @@ Every file is written to a hidden temporary name in `out_dir`, flushed to disk, 
 over its final name (`os.replace` is atomic), so a process killed at any moment leaves the previous
 `latest_checkpoint.pt` intact and loadable. FSDP runs write `torch.distributed.checkpoint` directories
 (`ckpt_<step>/`, every rank its shards, plus `trainer_state.pt`), under a temporary name renamed when every rank
-has finished, and point the `latest_checkpoint` symlink at the newest.
+has finished, and point the `latest_checkpoint` symlink at the newest. A save that fails (a full disk, on any rank)
+deletes what it had written and raises on every rank; `resume_note` then says what the run resumes from.
 """
 
 import os
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -34,15 +36,17 @@ from lunaris.checkpoints import (
     read_trainer_state,
     resolve_checkpoint_path,
 )
-from lunaris.fileio import atomic_link, atomic_open, atomic_symlink, replace_dir
+from lunaris.errors import CheckpointError
+from lunaris.fileio import atomic_link, atomic_open, atomic_symlink, disk_problem, replace_dir
 from lunaris.model import model_from_checkpoint
+from lunaris.train.distributed import DistInfo, raise_together
 
 # Names that moved to lunaris.checkpoints (reading) and lunaris.model (model_from_checkpoint), importable from here
 # as before; `_torch_load` is what the trainer's checkpointer reads an FSDP run's trainer_state.pt with.
 __all__ = ["LATEST_DIR", "LATEST_FILE", "TRAINER_STATE", "_torch_load", "atomic_save", "capture_rng",
            "checkpoint_step", "clean_state_dict", "find_latest", "load_checkpoint_file", "model_from_checkpoint",
            "numbered_checkpoints", "prune_checkpoints", "read_trainer_state", "remove_stale_temporaries",
-           "resolve_checkpoint_path", "restore_rng", "save_checkpoint", "save_distributed_checkpoint"]
+           "resolve_checkpoint_path", "restore_rng", "resume_note", "save_checkpoint", "save_distributed_checkpoint"]
 
 # Test hook: `LUNARIS_TEST_PAUSE_IN_SAVE=<step>:<seconds>` sleeps after the temporary file of that
 # step's checkpoint is written and before it is renamed, so a test can kill the process mid-save.
@@ -114,19 +118,27 @@ def prune_checkpoints(out_dir, keep_last: int) -> None:
             path.unlink(missing_ok=True)
 
 
+# What a write into a run directory leaves when it is killed, or cannot delete itself (a disk turned read-only):
+# fileio's temporary names (`.NAME.tmp-<pid>`, `.NAME.tmp-old-<pid>`) and an FSDP save's `.ckpt_<step>.tmp/`
+TEMPORARY = re.compile(r"^\.(.+\.tmp(-old)?-\d+|ckpt_\d+\.tmp)$")
+
+
 def remove_stale_temporaries(out_dir) -> list:
-    """Delete temporary files and directories left by a save that was killed; returns their names."""
+    """Delete the temporary files and directories that writes into `out_dir` left behind; returns their names.
+    Where that is not possible (a read-only directory), the run's write probe reports the directory."""
     out_dir = Path(out_dir)
     removed = []
-    if out_dir.is_dir():
-        for path in out_dir.iterdir():
-            if path.name.startswith((".ckpt_", f".{LATEST_FILE}.tmp", f".{LATEST_DIR}.tmp")) and ".tmp" in path.name:
+    try:
+        for path in out_dir.iterdir() if out_dir.is_dir() else ():
+            if TEMPORARY.match(path.name):
                 if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path, ignore_errors=True)
+                    shutil.rmtree(path)
                 else:
                     path.unlink(missing_ok=True)
                 removed.append(path.name)
-    return removed
+    except OSError:
+        pass
+    return sorted(removed)
 
 
 def _latest_dir_target(out_dir: Path) -> Optional[Path]:
@@ -148,29 +160,84 @@ def save_checkpoint(state: dict, out_dir, step: int, keep_last: int, update_late
 
 
 def save_distributed_checkpoint(model, optimizer, trainer_state: dict, out_dir, step: int, keep_last: int,
-                                update_latest: bool, rank: int) -> Path:
+                                update_latest: bool, info: DistInfo) -> Path:
     """FSDP: every rank writes its shards into `.ckpt_<step>.tmp/`; rank 0 renames it to `ckpt_<step>/`.
 
-    Must be called on every rank (it contains collectives).
+    Must be called on every rank (it contains collectives). When a write fails on any rank, rank 0 deletes the
+    temporary directory and every rank raises: the failing ones their error, the others a LunarisError.
     """
     import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import save as dcp_save
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     out_dir = Path(out_dir)
     final, temp = out_dir / f"ckpt_{step}", out_dir / f".ckpt_{step}.tmp"
-    if rank == 0 and temp.exists():
+    if info.is_main and temp.exists():
         shutil.rmtree(temp)
     dist.barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(temp))
-    if rank == 0:
-        atomic_save(trainer_state, temp / TRAINER_STATE, step)
-    dist.barrier()  # every rank's shards are on disk
-    if rank == 0:
-        replace_dir(temp, final)  # the same step saved again (a stop right after resuming) replaces it
-        if update_latest:
-            atomic_symlink(final.name, out_dir / LATEST_DIR)
-        prune_checkpoints(out_dir, keep_last)
-    dist.barrier()
+    failure = None
+    try:
+        dcp_save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(temp),
+                 storage_writer=_shard_writer(temp))
+        if info.is_main:
+            atomic_save(trainer_state, temp / TRAINER_STATE, step)
+    except BaseException as exc:  # DCP's CheckpointException is a BaseException; it is raised on every rank
+        failure = exc
+    try:
+        raise_together(failure, info)  # every rank's shards are on disk, or every rank raises
+    except BaseException:
+        if info.is_main:
+            shutil.rmtree(temp, ignore_errors=True)
+        raise
+    failure = None
+    if info.is_main:
+        try:
+            replace_dir(temp, final)  # the same step saved again (a stop right after resuming) replaces it
+            if update_latest:
+                atomic_symlink(final.name, out_dir / LATEST_DIR)
+            prune_checkpoints(out_dir, keep_last)
+        except BaseException as exc:
+            failure = exc
+    raise_together(failure, info)
     return final
+
+
+def _shard_writer(path: Path):
+    """DCP's file writer, except that a write failing for lack of space raises the disk's OSError itself.
+
+    DCP hands a rank's failure to every rank pickled, which drops an exception's context, and torch.save (which
+    writes DCP's tensors) turns the disk's OSError into a RuntimeError that keeps it only as context.
+    """
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    def raising_the_disk_error(method):
+        def write(*args, **kwargs):
+            try:
+                return method(*args, **kwargs)
+            except Exception as exc:
+                problem = disk_problem(exc)
+                if problem is None or problem is exc:
+                    raise
+                raise problem from None
+        return write
+
+    writer = FileSystemWriter(str(path))
+    writer.write_data = raising_the_disk_error(writer.write_data)
+    writer.finish = raising_the_disk_error(writer.finish)
+    return writer
+
+
+def resume_note(out_dir) -> tuple:
+    """(what is safe in `out_dir`, what running the same command again does), in words for an error message."""
+    out_dir = Path(out_dir)
+    latest = find_latest(out_dir)
+    if latest is None:
+        return "No checkpoint was written yet.", "run the same command again: training starts from step 0"
+    try:
+        step = checkpoint_step(latest)
+    except CheckpointError:
+        return f"The newest checkpoint is {latest}.", "run the same command again: it resumes from there"
+    name = next((path.name for at, path in numbered_checkpoints(out_dir) if at == step), latest.name)
+    return (f"The newest complete checkpoint, {name} (step {step}), is intact.",
+            f"run the same command again: it resumes from step {step}")

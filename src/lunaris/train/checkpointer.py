@@ -7,28 +7,32 @@ rank 0 alone writes a whole-model file (single process, DDP), every rank writes 
 
 import os
 import sys
+from contextlib import suppress
 from pathlib import Path
 from typing import Optional
 
 from lunaris.errors import CheckpointError, LunarisError
+from lunaris.fileio import disk_full_error, disk_problem
 from lunaris.train import checkpoint as ckpt
 from lunaris.train.distributed import DistInfo, gather_objects, raise_together
 
 
 def check_out_dir_writable(out_dir: Path) -> None:
     """Create `out_dir` and write a probe file, so a bad path fails now rather than at the first save."""
+    probe = out_dir / f".write-test-{os.getpid()}"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{os.getpid()}"
         with open(probe, "wb") as f:
             f.write(b"ok")
             f.flush()
             os.fsync(f.fileno())
-        probe.unlink()
     except OSError as exc:
         raise LunarisError(f"out_dir {out_dir} is not writable ({exc.strerror or exc}): checkpoints and "
                            f"metrics could not be saved. Choose another out_dir (e.g. --out_dir=runs/my-run) or "
                            f"fix the directory's permissions and free space.") from None
+    finally:
+        with suppress(OSError):  # a full disk leaves no empty probe behind either
+            probe.unlink(missing_ok=True)
 
 
 def describe_error(exc: BaseException) -> str:
@@ -120,22 +124,40 @@ class Checkpointer:
 
     # ---- saving ----
     def save(self, model, optimizer, trainer_state: dict, step: int, final: bool) -> Path:
-        """Write the checkpoint of `step` (model, optimizer and `trainer_state`); returns its path."""
+        """Write the checkpoint of `step` (model, optimizer and `trainer_state`); returns its path.
+
+        A write that fails (a full disk, on any rank) raises a LunarisError on every rank, after the partly written
+        checkpoint is deleted; the newest complete one stays as it was."""
         cfg = self.config
         update_latest = cfg.save_latest_always or final
-        if self.fsdp:
-            return ckpt.save_distributed_checkpoint(model, optimizer, trainer_state, self.out_dir, step,
-                                                    cfg.keep_last, update_latest, self.info.rank)
-        path, error = self.out_dir / f"ckpt_{step}.pt", None
-        if self.info.is_main:
-            state = {**trainer_state, "model": ckpt.clean_state_dict(model.state_dict()),
-                     "optimizer": optimizer.state_dict()}
-            try:
+        path, error = self.out_dir / (f"ckpt_{step}" if self.fsdp else f"ckpt_{step}.pt"), None
+        try:
+            if self.fsdp:
+                ckpt.save_distributed_checkpoint(model, optimizer, trainer_state, self.out_dir, step,
+                                                 cfg.keep_last, update_latest, self.info)
+            elif self.info.is_main:
+                state = {**trainer_state, "model": ckpt.clean_state_dict(model.state_dict()),
+                         "optimizer": optimizer.state_dict()}
                 ckpt.save_checkpoint(state, self.out_dir, step, cfg.keep_last, update_latest)
-            except OSError as exc:
-                error = CheckpointError(
-                    f"could not write checkpoint {path} ({exc.strerror or exc}); the previous checkpoint in "
-                    f"{self.out_dir} is intact. Free disk space (lower keep_last) or choose another out_dir, "
-                    f"then restart the same command to resume.")
+        except BaseException as exc:  # whatever the writer raised (torch's zip writer: a RuntimeError)
+            error = self.save_failure(exc, path)
+            if error is None:
+                raise
         raise_together(error, self.info)  # also the barrier: no rank runs ahead of a failed save
         return path
+
+    def save_failure(self, exc: BaseException, path: Path) -> Optional[LunarisError]:
+        """The message for a checkpoint write that failed: a full disk, quota or read-only directory (any other
+        OSError too); None for other errors (a bug, Ctrl-C), which keep their traceback."""
+        if isinstance(exc, LunarisError) and disk_problem(exc) is None:
+            return exc  # FSDP: another rank's write failed (its message is on that rank)
+        kept, then = ckpt.resume_note(self.out_dir)
+        if path.exists():  # the checkpoint is whole: what failed is the `latest_checkpoint` link to it
+            path = self.out_dir / (ckpt.LATEST_DIR if self.fsdp else ckpt.LATEST_FILE)
+        else:
+            kept = f"What it had written was deleted. {kept}"
+        error = disk_full_error(exc, f"checkpoint {path}", kept, then)
+        if error is None and isinstance(exc, OSError):
+            error = CheckpointError(f"could not write checkpoint {path} ({exc.strerror or exc}). {kept} Check "
+                                    f"out_dir {self.out_dir} (or choose another), then {then}.")
+        return error

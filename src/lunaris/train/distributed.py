@@ -14,7 +14,7 @@ Every collective in this module is called on every rank.
 
 import inspect
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -159,6 +159,18 @@ def raise_together(error, info: DistInfo) -> None:
         raise error
     if failed.item():
         raise LunarisError(f"rank {info.rank}: stopping because another rank failed (its message is above).")
+
+
+@contextmanager
+def stop_together(info: DistInfo):
+    """`with stop_together(info): work`: a LunarisError raised by the work on any rank (rank 0 writing a file, say)
+    stops every rank, as `raise_together`. A collective: enter it on every rank."""
+    error = None
+    try:
+        yield
+    except LunarisError as exc:
+        error = exc
+    raise_together(error, info)
 
 
 # ---- model wrapping -------------------------------------------------------------------------------

@@ -12,6 +12,9 @@ plus whatever the model reports (`experts/util_layer{l}/e{i}`,
 a value that is not finite is written as null. When a run resumes from step s, lines with
 step > s (logged after that checkpoint by the interrupted run) are dropped first, so the file
 reads as one uninterrupted run.
+
+A write into the run directory that fails because the disk is full (or over quota, or read-only) ends the run with
+one message naming the file and the checkpoint the same command resumes from (lunaris.fileio.on_full_disk).
 """
 
 import json
@@ -29,11 +32,19 @@ import yaml
 import lunaris
 from lunaris import metrics
 from lunaris.errors import LunarisError
-from lunaris.fileio import atomic_write_json, atomic_write_text
+from lunaris.fileio import atomic_write_json, atomic_write_text, on_full_disk
 from lunaris.runtime import DTYPE_NAMES, device_name, git_commit
+from lunaris.train.checkpoint import resume_note
 
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_run_id.txt"
+
+
+def run_file(path: Path):
+    """`with run_file(path): write...`: a write of `path` in a run directory that fails for lack of space stops the
+    run with the message that also says which checkpoint the same command resumes from."""
+    return on_full_disk(path, lambda: resume_note(Path(path).parent))
+
 
 def _finite_or_none(value):
     if isinstance(value, float) and not math.isfinite(value):
@@ -73,8 +84,9 @@ class RunLogger:
         self.bar = self.jsonl = self.wandb_run = self.tensorboard = None
         if not is_main:
             return
-        self._prepare_jsonl(start_step, resumed)
-        self.jsonl = open(self.out_dir / METRICS_FILE, "a", encoding="utf-8")
+        with run_file(self.out_dir / METRICS_FILE):
+            self._prepare_jsonl(start_step, resumed)
+            self.jsonl = open(self.out_dir / METRICS_FILE, "a", encoding="utf-8")
         if config.wandb_project:
             self.wandb_run = self._start_wandb(resumed)
         if config.tensorboard:
@@ -106,7 +118,8 @@ class RunLogger:
         wandb = import_wandb()
         id_file = self.out_dir / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if resumed and id_file.exists() else wandb.util.generate_id()
-        atomic_write_text(id_file, run_id)
+        with run_file(id_file):
+            atomic_write_text(id_file, run_id)
         cfg = self.config
         return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, entity=cfg.wandb_entity,
                           config=cfg.to_dict(), dir=str(self.out_dir), id=run_id, resume="allow")
@@ -130,8 +143,13 @@ class RunLogger:
         if not self.is_main:
             return
         record = {"step": step, **{k: _finite_or_none(v) for k, v in metrics.items()}}
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
+        with run_file(self.out_dir / METRICS_FILE):
+            try:
+                self.jsonl.write(json.dumps(record) + "\n")
+                self.jsonl.flush()
+            except OSError:
+                self._drop_jsonl()
+                raise
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
         if self.tensorboard is not None:
@@ -140,6 +158,15 @@ class RunLogger:
                     self.tensorboard.add_scalar(key, value, step)
         if console:
             self.message(format_console_line(step, self.config.max_steps, metrics))
+
+    def _drop_jsonl(self) -> None:
+        """Close metrics.jsonl after a failed write without writing again: what the buffer still holds is lost
+        (a resumed run drops the lines after its checkpoint anyway)."""
+        try:
+            self.jsonl.close()
+        except OSError:
+            pass
+        self.jsonl = None
 
     def message(self, text: str) -> None:
         """A line on the console that does not break the progress bar."""
@@ -184,8 +211,7 @@ def import_tensorboard():
 def write_run_files(trainer) -> None:
     """config.yaml (the resolved config), run_info.json (versions, machine, layout) and the tokenizer, in out_dir."""
     cfg, info, out_dir = trainer.config, trainer.info, trainer.out_dir
-    atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    atomic_write_json(out_dir / "run_info.json", {
+    run_info = {
         "lunaris_version": lunaris.__version__,
         "git_commit": git_commit(),
         "torch_version": torch.__version__,
@@ -206,11 +232,16 @@ def write_run_files(trainer) -> None:
         "hostname": platform.node(),
         "command": sys.argv,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    })
+    }
+    with run_file(out_dir / "config.yaml"):
+        atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    with run_file(out_dir / "run_info.json"):
+        atomic_write_json(out_dir / "run_info.json", run_info)
     from lunaris.data import tokenizer_path
     tokenizer = tokenizer_path(cfg.data_dir)
     if tokenizer is not None and not (out_dir / "tokenizer.json").exists():
-        atomic_write_text(out_dir / "tokenizer.json", Path(tokenizer).read_text(encoding="utf-8"))
+        with run_file(out_dir / "tokenizer.json"):
+            atomic_write_text(out_dir / "tokenizer.json", Path(tokenizer).read_text(encoding="utf-8"))
 
 
 # Passes over the training data above which a run is warned: small corpora overfit (the validation loss rises while

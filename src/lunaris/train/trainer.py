@@ -43,6 +43,7 @@ from lunaris.train.distributed import (
     peer_lost,
     raise_together,
     setup_distributed,
+    stop_together,
     teardown_distributed,
     wrap_ddp,
 )
@@ -121,9 +122,10 @@ class Trainer:
             self.start_step = self.state.step      # where this run's loop starts (its first step is logged)
             self.stopping = False                  # every rank agreed to stop after this step
             self.last_model_metrics: dict = {}
-            self.logger = RunLogger(cfg, self.out_dir, info.is_main, self.state.step, resumed=saved is not None)
-            if info.is_main:
-                write_run_files(self)
+            with stop_together(info):  # rank 0 writes: a full disk stops every rank
+                self.logger = RunLogger(cfg, self.out_dir, info.is_main, self.state.step, resumed=saved is not None)
+                if info.is_main:
+                    write_run_files(self)
         except BaseException:
             self.close()
             raise
@@ -149,6 +151,8 @@ class Trainer:
             for directory in (train_dir, val_dir):
                 if directory is not None:
                     check_vocab(directory, cfg.model.vocab_size)
+            if info.is_main:  # first: what a killed or failed save left takes space the probe below may need
+                ckpt.remove_stale_temporaries(self.out_dir)
             if info.is_main or self.fsdp:  # FSDP: every rank writes its own shards
                 check_out_dir_writable(self.out_dir)
             if info.is_main:
@@ -156,7 +160,6 @@ class Trainer:
                     import_wandb()
                 if cfg.tensorboard:
                     import_tensorboard()
-                ckpt.remove_stale_temporaries(self.out_dir)
             saved = self.checkpointer.load_state(resume)
             tasks = TaskEvaluator.build(cfg, info, self.out_dir)  # eval_tasks, read and tokenized (or None)
             found = (train_dir, val_dir, tasks, saved)
@@ -328,7 +331,8 @@ class Trainer:
                     state.step % cfg.eval_interval == 0 or state.step == cfg.max_steps):
                 record.update(self.evaluate())
             if record:
-                self.logger.log(state.step, record)
+                with stop_together(self.info):  # rank 0 writes: a full disk stops every rank
+                    self.logger.log(state.step, record)
                 last_metrics = record
             if state.step % cfg.save_interval == 0:
                 last_path, saved_at = self.save(final=state.step == cfg.max_steps or self.stopping), state.step
