@@ -58,6 +58,9 @@ def sized(d, h, kv, f) -> list:
 
 # nanochat's recipe (mid-2026), one ingredient per row on top of demo-cpu (width 128, 4 layers, Muon, wsd). Sizes
 # match demo-cpu's compute: relu2's hidden 576 gives its two matrices SwiGLU 384's three matrices' weights.
+# The AdamW learning rates of their own are nanochat's steps relative to the initial scale, on Lunaris's
+# Normal(0, 0.02) weights: nanochat's embedding takes lr 0.2·sqrt(768/d_model) ~ 0.5 on std 0.8, a relative
+# step ~0.6, so 1e-2 here; its head learns slower than the embedding, and its x0 scalars fast (lr 0.5).
 NANOCHAT = {
     "demo+relu2": on_demo("--model.mlp=relu2", "--model.ffn_hidden_size=576"),
     "demo+untied": on_demo("--model.tie_embeddings=false"),
