@@ -5,13 +5,15 @@
 
 The corpus is the demo's (Python standard-library source, 4,096-token tokenizer, prepared once under --out). The
 baseline is bench/configs/baseline-demo-cpu.yaml, the `demo-cpu` preset as it was before the recipe study (AdamW,
-cosine); each option is that baseline plus a few config overrides, and `demo-cpu` is today's preset as it ships.
-`--recipes muon,baseline:2` runs 2 seeds of baseline whatever --seeds says. Each run trains in a fresh process: a few
-timed steps pick the step count that fills --budget seconds, so every schedule decays fully, then the run trains and
-scores the whole held-out split. The metric is validation bits per byte, which does not depend on the tokenizer.
-Recipes run one after another, never concurrently. "time to baseline" is the training time at which a recipe's
-held-out curve first reaches the baseline's final bits per byte (mean over seeds), linearly interpolated between
-evaluations.
+cosine); `demo-cpu` is today's preset as it ships. Each other recipe is one of the two plus a few config overrides:
+the first round's options on the baseline, the ingredients of nanochat's recipe (`demo+...`) one at a time on
+demo-cpu; `nanochat` is all of those at once, and `recipe` the combination RECIPE names (the ingredients a study
+keeps). `--recipes muon,baseline:2` runs 2 seeds of baseline whatever --seeds says. Each run trains in a fresh
+process for --budget seconds of training (the trainer's max_train_seconds: it stops after the step that reaches the
+budget, and its schedule decays over that time), then scores the whole held-out split. The metric is validation
+bits per byte, which does not depend on the tokenizer. Recipes run one after another, never concurrently. "time to
+baseline" is the training time at which a recipe's held-out curve (an evaluation every --eval-every steps) first
+reaches the baseline's final bits per byte (mean over seeds), linearly interpolated between evaluations.
 Prints a markdown table and writes JSON (--json). Each finished run leaves RUN_DIR/result.json; a rerun with the same
 recipe, seed and settings keeps it instead of training again, so an interrupted study continues where it stopped.
 """
@@ -25,6 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from lunaris.fileio import atomic_write_json  # noqa: E402
@@ -34,24 +37,78 @@ SMALLER = {  # model sizes for the demo's budget: (d_model, heads, kv heads, FFN
     "d192": (192, 6, 2, 512),
     "d128": (128, 4, 2, 384),
 }
-RECIPES = {  # name -> overrides of the baseline config (None: today's demo-cpu preset as it ships)
-    "baseline": [],
-    "demo-cpu": None,
-    "wsd": ["--lr_schedule=wsd"],
-    "muon": ["--optimizer=muon"],
-    "muon+wsd": ["--optimizer=muon", "--lr_schedule=wsd"],
-    "qk_norm": ["--model.qk_norm=true"],
-    "zero_init_out": ["--model.zero_init_out=true"],
-    "logit_softcap": ["--model.logit_softcap=15"],
-    "document": ["--model.attention_mask=document"],
-    **{name: [f"--model.d_model={d}", f"--model.n_heads={h}", f"--model.n_kv_heads={kv}",
-              f"--model.ffn_hidden_size={f}"] for name, (d, h, kv, f) in SMALLER.items()},
-    **{f"muon+{name}": ["--optimizer=muon", f"--model.d_model={d}", f"--model.n_heads={h}",
-                        f"--model.n_kv_heads={kv}", f"--model.ffn_hidden_size={f}"]
-       for name, (d, h, kv, f) in SMALLER.items()},
+
+
+class Recipe(NamedTuple):
+    base: str          # "baseline" (BASELINE) or "demo-cpu" (the preset as it ships)
+    overrides: list    # config overrides on top of it
+
+
+def on_baseline(*overrides) -> Recipe:
+    return Recipe("baseline", list(overrides))
+
+
+def on_demo(*overrides) -> Recipe:
+    return Recipe("demo-cpu", list(overrides))
+
+
+def sized(d, h, kv, f) -> list:
+    return [f"--model.d_model={d}", f"--model.n_heads={h}", f"--model.n_kv_heads={kv}", f"--model.ffn_hidden_size={f}"]
+
+
+# nanochat's recipe (mid-2026), one ingredient per row on top of demo-cpu (width 128, 4 layers, Muon, wsd). Sizes
+# match demo-cpu's compute: relu2's hidden 576 gives its two matrices SwiGLU 384's three matrices' weights.
+# The AdamW learning rates of their own are nanochat's steps relative to the initial scale, on Lunaris's
+# Normal(0, 0.02) weights: nanochat's embedding takes lr 0.2·sqrt(768/d_model) ~ 0.5 on std 0.8, a relative
+# step ~0.6, so 1e-2 here; its head learns slower than the embedding, and its x0 scalars fast (lr 0.5).
+NANOCHAT = {
+    "demo+relu2": on_demo("--model.mlp=relu2", "--model.ffn_hidden_size=576"),
+    "demo+untied": on_demo("--model.tie_embeddings=false"),
+    "demo+untied_lr": on_demo("--model.tie_embeddings=false", "--embedding_lr=1e-2", "--lm_head_lr=1e-3"),
+    "demo+value_embeddings": on_demo("--model.value_embeddings=2"),           # layers 1 and 3, as nanochat's
+    "demo+residual_scalars": on_demo("--model.residual_scalars=true", "--scalar_lr=1e-2"),
+    "demo+polar_express": on_demo("--muon_ns_coefficients=polar_express"),
+    "demo+muon_spectral": on_demo("--muon_lr_scaling=spectral"),
+    "demo+muon_rms": on_demo("--muon_lr_scaling=rms", "--muon_lr=0.009"),   # 0.02 / (0.2 sqrt(128)): same 128x128 step
+    "demo+qk_norm": on_demo("--model.qk_norm=true"),
+    "demo+logit_softcap": on_demo("--model.logit_softcap=15"),
+    "demo+long_decay": on_demo("--decay_fraction=0.65", "--min_lr=1e-4"),   # nanochat's warmdown: 65%, to 5%
+    # nanochat's sliding windows (window_pattern "SSSL") become rows here once model.attention_window exists
+}
+# `nanochat`: every ingredient at once, as nanochat trains (its Muon scales its steps by shape, torch's way).
+NANOCHAT_ALL = ("demo+relu2", "demo+untied_lr", "demo+value_embeddings", "demo+residual_scalars",
+                "demo+polar_express", "demo+qk_norm", "demo+logit_softcap", "demo+long_decay")
+# `recipe`: the ingredients a study keeps. Until the timed study has run, every ingredient expected to help
+# (logit_softcap was 2.5% worse in the first round's rows).
+RECIPE = ("demo+relu2", "demo+untied_lr", "demo+value_embeddings", "demo+residual_scalars", "demo+polar_express",
+          "demo+qk_norm", "demo+long_decay")
+
+
+def combined(names) -> Recipe:
+    """demo-cpu plus the overrides of the NANOCHAT rows `names` (a later row wins a key that two set)."""
+    return on_demo(*(override for name in names for override in NANOCHAT[name].overrides))
+
+
+RECIPES = {  # name -> Recipe
+    "baseline": on_baseline(),
+    "demo-cpu": on_demo(),
+    "wsd": on_baseline("--lr_schedule=wsd"),
+    "muon": on_baseline("--optimizer=muon"),
+    "muon+wsd": on_baseline("--optimizer=muon", "--lr_schedule=wsd"),
+    "qk_norm": on_baseline("--model.qk_norm=true"),
+    "zero_init_out": on_baseline("--model.zero_init_out=true"),
+    "logit_softcap": on_baseline("--model.logit_softcap=15"),
+    "document": on_baseline("--model.attention_mask=document"),
+    **{name: on_baseline(*sized(*size)) for name, size in SMALLER.items()},
+    **{f"muon+{name}": on_baseline("--optimizer=muon", *sized(*size)) for name, size in SMALLER.items()},
+    **NANOCHAT,
+    "nanochat": combined(NANOCHAT_ALL),
+    "recipe": combined(RECIPE),
 }
 VOCAB = 4096
-EVALS = 8  # held-out evaluations per run, for the time-to-target curve
+EVAL_EVERY = 25  # steps between held-out evaluations, for the time-to-target curve (--eval-every)
+EVALS = 8  # held-out evaluations of a run capped by --max-steps
+WARMUP_STEPS = 15  # learning-rate warmup of every run (about 5% of a 200 s demo-cpu run)
 EVAL_BATCH = 16  # sequences per batch of the final score (the same held-out tokens for every recipe)
 
 
@@ -66,6 +123,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, help="torch threads of each run (default: torch's choice)")
     p.add_argument("--max-steps", type=int, help="cap every run at this many steps (a quick smoke test)")
     p.add_argument("--eval-batches", type=int, default=8, help="held-out batches per evaluation of the curve")
+    p.add_argument("--eval-every", type=int, default=EVAL_EVERY,
+                   help=f"training steps between evaluations of the curve (default {EVAL_EVERY})")
     p.add_argument("--worker", nargs=3, metavar=("RECIPE", "SEED", "RUN_DIR"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.plan = []  # (recipe, seeds)
@@ -77,8 +136,8 @@ def parse_args(argv=None):
     unknown = [name for name, _ in args.plan if name not in RECIPES]
     if unknown:
         p.error(f"unknown recipe(s) {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
-    if args.budget <= 0 or args.seeds < 1 or args.corpus_mb <= 0:
-        p.error("--budget, --seeds and --corpus-mb must be positive")
+    if args.budget <= 0 or args.seeds < 1 or args.corpus_mb <= 0 or args.eval_every < 1:
+        p.error("--budget, --seeds, --corpus-mb and --eval-every must be positive")
     return args
 
 
@@ -86,29 +145,36 @@ def parse_args(argv=None):
 
 def run_key(recipe: str, seed: int, args) -> dict:
     """What a run's result depends on: a finished run with the same key is kept, not trained again."""
-    return {"overrides": RECIPES[recipe], "seed": seed, "budget": args.budget, "corpus_mb": args.corpus_mb,
-            "max_steps": args.max_steps, "eval_batches": args.eval_batches}
+    return {"base": RECIPES[recipe].base, "overrides": RECIPES[recipe].overrides, "seed": seed,
+            "budget": args.budget, "budget_by": "max_train_seconds", "corpus_mb": args.corpus_mb,
+            "max_steps": args.max_steps, "eval_batches": args.eval_batches, "eval_every": args.eval_every,
+            "warmup_steps": WARMUP_STEPS}
+
+
+def recipe_config(recipe: str, extra=()):
+    """The TrainConfig of `recipe` (its base config and overrides, then `extra` overrides)."""
+    from lunaris.config import load_config
+    from lunaris.demo import PRESET
+    base, overrides = RECIPES[recipe]
+    return load_config(PRESET if base == "demo-cpu" else BASELINE, [*extra, *overrides])
 
 
 def worker(recipe: str, seed: int, run_dir: Path, args) -> dict:
-    """Calibrate, train for the budget, score the whole held-out split; returns the run's numbers."""
+    """Train for the budget (training time), score the whole held-out split; returns the run's numbers."""
     import torch
 
-    from lunaris.config import load_config
-    from lunaris.demo import PRESET, calibrate_steps
     from lunaris.train.trainer import train
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = RECIPES[recipe]
-    config = load_config(PRESET if overrides is None else BASELINE,
-                         [f"--data_dir={args.out / 'data'}", f"--out_dir={run_dir}", f"--model.vocab_size={VOCAB}",
-                          f"--seed={seed}", "--device=cpu", "--num_workers=0", *(overrides or [])])
-    config.max_steps = calibrate_steps(config, args.budget / 60, share=1.0)
-    if args.max_steps:
-        config.max_steps = min(config.max_steps, args.max_steps)
+    config = recipe_config(recipe, [f"--data_dir={args.out / 'data'}", f"--out_dir={run_dir}",
+                                    f"--model.vocab_size={VOCAB}", f"--seed={seed}", "--device=cpu",
+                                    "--num_workers=0"])
+    config.max_train_seconds = args.budget
+    config.max_steps = args.max_steps or 10**9   # the time budget ends the run
     config.eval_batches = args.eval_batches
-    config.warmup_steps = max(1, config.max_steps // 20)
-    config.eval_interval = config.log_interval = max(1, config.max_steps // EVALS)
+    config.warmup_steps = min(WARMUP_STEPS, max(1, config.max_steps // 20))
+    config.eval_interval = config.log_interval = (max(1, args.max_steps // EVALS) if args.max_steps
+                                                  else args.eval_every)
     config.save_interval = config.max_steps
     config.validate()
     train(config, resume=False)
@@ -173,7 +239,7 @@ def main(argv=None) -> int:
             for option in ("threads", "max_steps"):
                 if getattr(args, option):
                     command += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
-            command += ["--eval-batches", str(args.eval_batches)]
+            command += ["--eval-batches", str(args.eval_batches), "--eval-every", str(args.eval_every)]
             print(f"[{time.strftime('%H:%M:%S')}] {recipe}, seed {seed}", file=sys.stderr, flush=True)
             done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
             lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]

@@ -292,6 +292,57 @@ def test_logit_softcap_exports_with_its_own_code_and_the_same_logits(tmp_path):
         export_checkpoint(run, tmp_path / "hf2", fmt="llama")
 
 
+def with_trained_recipe_weights(model: LunarisCodex) -> LunarisCodex:
+    """`model` with its value-embedding gates and residual scalars away from their start (so they matter)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "value_gate" in name or name.startswith("value_embeds"):
+                param.normal_(0.0, 0.5)
+        if model.residual_scalars is not None:
+            model.residual_scalars.residual.uniform_(0.5, 1.5)
+            model.residual_scalars.x0.uniform_(-1.0, 1.0)
+    return model
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(mlp="relu2"),
+    dict(n_layers=4, value_embeddings=2, n_kv_heads=2),
+    dict(residual_scalars=True, tie_embeddings=False),
+    dict(n_layers=4, mlp="relu2", value_embeddings=2, residual_scalars=True, tie_embeddings=False, qk_norm=True,
+         norm_bias=False, logit_softcap=10.0),
+], ids=["relu2", "value-embeddings", "residual-scalars-untied", "every-option"])
+def test_relu2_value_embeddings_and_residual_scalars_export_with_their_own_code(tmp_path, overrides):
+    model = with_trained_recipe_weights(context_dependent_model(**overrides))
+    run = save_run(tmp_path / "run", model)
+    summary = export_checkpoint(run, tmp_path / "hf")
+    assert summary["format"] == "lunaris"                                  # Llama's and Qwen3's MLPs are gated
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
+    assert type(hf).__name__ == "LunarisForCausalLM"
+    idx = torch.randint(0, 320, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx).logits, rtol=0, atol=1e-4)
+    assert torch.equal(hf_greedy(hf, idx[:, :5], 8), model.generate(idx[:, :5], 8, temperature=0))
+    assert_cached_generation_matches_full_recompute(hf, model.config.vocab_size, steps=6)
+    with pytest.raises(LunarisError, match="--format llama needs a dense model .*mlp: swiglu and no value_embed"):
+        export_checkpoint(run, tmp_path / "hf2", fmt="llama")
+
+
+def test_an_untied_model_with_embedding_and_head_learning_rates_still_exports_as_llama(tmp_path):
+    model = trained_looking_model(tie_embeddings=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    config = TrainConfig(model=model.config, embedding_lr=0.05, lm_head_lr=1e-3)   # training keys, not the model's
+    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(config), "step": 3},
+               run / "latest_checkpoint.pt")
+    byte_level_tokenizer().save(str(run / "tokenizer.json"))
+    assert export_checkpoint(run, tmp_path / "hf")["format"] == "llama"
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert hf.config.tie_word_embeddings is False
+    idx = torch.randint(0, 320, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx).logits, rtol=0, atol=1e-4)
+
+
 def test_document_mask_exports_with_its_own_code_and_masks_documents_without_a_cache(tmp_path):
     eos = byte_level_tokenizer().token_to_id("<|endoftext|>")
     model = context_dependent_model(attention_mask="document", document_separator_id=eos)

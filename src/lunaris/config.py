@@ -81,7 +81,8 @@ class ArchitectureKeys(_Section):
     norm_bias: bool = key(True, "Learnable bias in the pre-attention and pre-FFN RMSNorms.")
     tie_embeddings: bool = key(True, "Share the LM head weight with the token embedding.")
     ffn_hidden_size: Optional[int] = key(
-        None, "SwiGLU hidden size; null means ffn_mult*d_model*2/3 rounded up to multiple_of.", gt=0)
+        None, "FFN hidden size; null means ffn_mult*d_model*2/3 (SwiGLU: three matrices) or ffn_mult*d_model "
+              "(relu2: two) rounded up to multiple_of.", gt=0)
     ffn_mult: float = key(4.0, "FFN width multiplier used when ffn_hidden_size is null.", gt=0)
     multiple_of: int = key(256, "Round the derived FFN hidden size up to a multiple of this.", gt=0)
     use_gradient_checkpointing: bool = key(
@@ -99,9 +100,11 @@ class ArchitectureKeys(_Section):
 
     @property
     def ffn_hidden(self) -> int:
+        """The FFN hidden size: ffn_hidden_size, else ffn_mult*d_model (times 2/3 for SwiGLU's three matrices, so
+        that both MLPs get the parameters of a plain ffn_mult-wide two-matrix MLP) rounded up to multiple_of."""
         if self.ffn_hidden_size:
             return self.ffn_hidden_size
-        hidden = int(self.ffn_mult * self.d_model * 2 / 3)
+        hidden = int(self.ffn_mult * self.d_model * (2 / 3 if self.mlp == "swiglu" else 1))
         return self.multiple_of * math.ceil(hidden / self.multiple_of)
 
     @property
@@ -140,12 +143,40 @@ class RecipeKeys(_Section):
     document_separator_id: Optional[int] = key(
         None, "End-of-text id that ends a document (attention_mask: document); null means the training data's "
               "end-of-text id (read from its manifest and saved with the checkpoint).", ge=0)
+    mlp: Literal["swiglu", "relu2"] = key(
+        "swiglu", "Dense FFN: swiglu, down(silu(gate(x))*up(x)); relu2, down(relu(up(x))^2) (nanochat), whose "
+                  "derived hidden size is ffn_mult*d_model (see ffn_hidden_size). relu2 is for dense models.")
+    value_embeddings: int = key(
+        0, "Layers with a value embedding (nanochat's, after ResFormer): a table of n_kv_heads*head_dim per token "
+           "added to the layer's attention values through a gate per KV head; N: the last layer and every second "
+           "one before it, N of them; 0 disables.", ge=0)
+    residual_scalars: bool = key(
+        False, "Two learnable scalars per layer: before block i, x = r_i*x + s_i*x0, x0 the token embedding "
+               "(modded-nanogpt, nanochat); r_i starts at 1 and s_i at 0, so the model starts as without them.")
 
     @rule("document_separator_id", "vocab_size")
     def _separator_is_a_token(self, r):
         if self.document_separator_id is not None and self.document_separator_id >= self.vocab_size:
             return (f"model.document_separator_id must be a token id in [0, vocab_size), "
                     f"{r.got('document_separator_id')} with {r.ref('vocab_size')}.")
+
+    @property
+    def value_embedding_layers(self) -> tuple:
+        """The layers with a value embedding (value_embeddings): the last one and every second one before it."""
+        return tuple(sorted(range(self.n_layers - 1, -1, -2)[:self.value_embeddings]))
+
+    @rule("value_embeddings", "n_layers")
+    def _value_embeddings_every_second_layer(self, r):
+        most = (self.n_layers + 1) // 2
+        if self.value_embeddings > most:
+            return (f"{r.ref('value_embeddings')} is more layers than every second one of {r.ref('n_layers')}; "
+                    f"use at most {most}.")
+
+    @rule("mlp", "n_experts")
+    def _relu2_is_dense(self, r):
+        if self.mlp == "relu2" and self.n_experts:
+            return (f"{r.ref('mlp', 'model.mlp: {}')} is for dense models: MoC experts are SwiGLU; remove it, or "
+                    f"model.n_experts.")
 
     def build_problems(self) -> list:
         """Problems that matter only when a model is built from this config: values `lunaris train` fills in
@@ -275,8 +306,37 @@ class OptimizerKeys(_Section):
     weight_decay: float = key(0.1, "AdamW weight decay on >=2-D weights (not norms, biases or the router).", ge=0)
     beta1: float = key(0.9, "AdamW beta1.", ge=0, lt=1)
     beta2: float = key(0.95, "AdamW beta2.", ge=0, lt=1)
+    muon_ns_coefficients: Literal["torch", "polar_express"] = key(
+        "torch", "Muon's orthogonalization: torch, five Newton-Schulz steps with torch.optim.Muon's coefficients; "
+                 "polar_express, the Polar Express coefficients, one set per step (Amsel et al. 2025, nanochat).")
+    muon_lr_scaling: Literal["shape", "spectral", "rms"] = key(
+        "shape", "Muon's step per matrix (out x in): shape, muon_lr*sqrt(max(1, out/in)) (torch.optim.Muon, "
+                 "nanochat); spectral, muon_lr*sqrt(out/in); rms, muon_lr*0.2*sqrt(max(out, in)) (Moonlight: "
+                 "AdamW's update size, so muon_lr near learning_rate).")
     router_lr_scale: float = key(0.5, "Learning-rate multiplier of the MoC router parameters.", ge=0)
+    embedding_lr: Optional[float] = key(
+        None, "Peak learning rate of the token embedding and the value embeddings (an AdamW group of their own); "
+              "null: learning_rate.", gt=0)
+    lm_head_lr: Optional[float] = key(
+        None, "Peak learning rate of an untied LM head (model.tie_embeddings: false; an AdamW group of its own); "
+              "null: learning_rate.", gt=0)
+    scalar_lr: Optional[float] = key(
+        None, "Peak learning rate of the residual scalars (model.residual_scalars; an AdamW group of their own, no "
+              "weight decay); null: learning_rate.", gt=0)
     grad_clip: float = key(1.0, "Clip the global gradient norm to this (0 disables).", ge=0)
+
+    @rule("lm_head_lr")
+    def _lm_head_lr_needs_its_own_head(self, r):
+        if self.lm_head_lr is not None and self.model.tie_embeddings:
+            return (f"{r.ref('lm_head_lr')} is the learning rate of an untied LM head, and model.tie_embeddings is "
+                    f"true (the head is the embedding: set embedding_lr); set model.tie_embeddings: false, or "
+                    f"remove lm_head_lr.")
+
+    @rule("scalar_lr")
+    def _scalar_lr_needs_scalars(self, r):
+        if self.scalar_lr is not None and not self.model.residual_scalars:
+            return (f"{r.ref('scalar_lr')} is the learning rate of the residual scalars, and "
+                    f"model.residual_scalars is false; set model.residual_scalars: true, or remove scalar_lr.")
 
     @rule("optimizer", "parallelism")
     def _muon_needs_whole_matrices(self, r):
@@ -298,6 +358,10 @@ class ScheduleKeys(_Section):
                   "linearly to min_lr over the last decay_fraction of max_steps.")
     decay_fraction: float = key(0.2, "Share of max_steps spent decaying with lr_schedule: wsd.", gt=0, le=1)
     min_lr: Optional[float] = key(None, "Final learning rate of the decay; null means learning_rate/10.", ge=0)
+    max_train_seconds: Optional[float] = key(
+        None, "Training-time budget (seconds in training steps, as time/train_seconds counts): the run stops after "
+              "the step that reaches it (or at max_steps), and after warmup the schedule decays over the time, not "
+              "the steps (wsd over its last decay_fraction); null: max_steps alone.", gt=0)
 
     @property
     def resolved_min_lr(self) -> float:

@@ -1,4 +1,5 @@
-"""Recipe options of the model config: qk_norm, zero_init_out, logit_softcap and attention_mask: document."""
+"""Recipe options: qk_norm, zero_init_out, logit_softcap, attention_mask: document, mlp: relu2, value_embeddings,
+residual_scalars, untied embeddings with learning rates of their own, and Muon's coefficients and LR scaling."""
 
 import math
 
@@ -289,3 +290,297 @@ def test_a_document_model_without_a_separator_is_a_clear_error_but_its_config_lo
         LunarisCodex(config)
     from lunaris.inspect_config import build_on_meta
     assert build_on_meta(config).num_params() == LunarisCodex(tiny_model_config()).num_params()
+
+
+# ---- mlp: relu2 ----------------------------------------------------------------------------------------------
+
+def test_relu2_mlp_is_down_of_relu_up_squared_with_the_parameters_of_the_swiglu_default():
+    from lunaris.model.layers import ReluSquared, SwiGLU
+    for d_model in (48, 96):  # derived hidden sizes: relu2 ffn_mult*D, SwiGLU 2/3 of it: the same weights
+        swiglu = LunarisCodex(tiny_model_config(d_model=d_model, multiple_of=1))
+        relu2 = LunarisCodex(tiny_model_config(d_model=d_model, multiple_of=1, mlp="relu2"))
+        assert relu2.config.ffn_hidden == 4 * d_model and swiglu.config.ffn_hidden == 4 * d_model * 2 // 3
+        assert relu2.num_params() == swiglu.num_params()
+        assert isinstance(relu2.blocks[0].ffn.ffn, ReluSquared) and isinstance(swiglu.blocks[0].ffn.ffn, SwiGLU)
+    assert tiny_model_config(mlp="relu2", ffn_hidden_size=40).ffn_hidden == 40   # an explicit size is kept
+    mlp = relu2.blocks[1].ffn.ffn
+    x = torch.randn(2, 5, 96)
+    with torch.no_grad():
+        expected = torch.clamp(x @ mlp.up.weight.T, min=0) ** 2 @ mlp.down.weight.T
+        torch.testing.assert_close(mlp(x), expected, rtol=1e-5, atol=1e-6)
+    assert (mlp.up(x) < 0).any()                                           # the relu does cut something
+    assert "blocks.0.ffn.ffn.down.weight" in {f"{n}.{p}" for n, m in relu2.named_modules()
+                                              for p in getattr(m, "residual_out", ())}   # depth-scaled init
+    assert relu2.flops_per_token() == swiglu.flops_per_token()
+
+
+def test_relu2_is_for_dense_models():
+    problems = tiny_model_config(mlp="relu2", n_experts=4, top_k=2).problems()
+    assert problems == ["model.mlp: relu2 is for dense models: MoC experts are SwiGLU; remove it, or model.n_experts."]
+    assert tiny_model_config().mlp == "swiglu"
+
+
+# ---- value_embeddings ----------------------------------------------------------------------------------------
+
+def test_value_embeddings_go_to_the_last_layer_and_every_second_one_before_it():
+    assert tiny_model_config(n_layers=4, value_embeddings=2).value_embedding_layers == (1, 3)   # nanochat's
+    assert tiny_model_config(n_layers=4, value_embeddings=1).value_embedding_layers == (3,)
+    assert tiny_model_config(n_layers=5, value_embeddings=3).value_embedding_layers == (0, 2, 4)
+    assert tiny_model_config(n_layers=4).value_embedding_layers == ()
+    assert "use at most 2" in " ".join(tiny_model_config(n_layers=4, value_embeddings=3).problems())
+    model = LunarisCodex(tiny_model_config(n_layers=4, value_embeddings=2))
+    kv_width = model.config.kv_heads * model.config.head_dim
+    assert {n: tuple(p.shape) for n, p in model.named_parameters() if "value" in n} == {
+        "value_embeds.1.weight": (128, kv_width), "value_embeds.3.weight": (128, kv_width),
+        "blocks.1.value_gate.proj.weight": (2, 12), "blocks.3.value_gate.proj.weight": (2, 12)}
+    assert model.num_params(exclude_embedding=True) == model.num_params() - 128 * (64 + 2 * kv_width)
+
+
+def copy_shared(source: LunarisCodex, target: LunarisCodex) -> LunarisCodex:
+    """`target` with every weight `source` also has (the options' own parameters keep theirs)."""
+    shared = {k: v for k, v in source.state_dict().items() if k in target.state_dict()}
+    target.load_state_dict(shared, strict=False)
+    return target.eval()
+
+
+def test_a_value_embedding_adds_its_gated_row_to_the_values_of_its_layer_only():
+    torch.manual_seed(0)
+    model = random_model(n_layers=4, value_embeddings=2)
+    plain = copy_shared(model, LunarisCodex(tiny_model_config(n_layers=4)))
+    idx = torch.randint(1, 128, (2, 12))
+    idx[0, 6] = 0                                                           # token 0 appears once, at position 6
+    with torch.no_grad():
+        with_ve = model(idx).logits
+        assert not torch.allclose(with_ve, plain(idx).logits, atol=1e-3)
+        for table in model.value_embeds.values():                          # empty tables: the plain model
+            table.weight.zero_()
+        torch.testing.assert_close(model(idx).logits, plain(idx).logits, rtol=0, atol=1e-6)
+        model.value_embeds["1"].weight[0].normal_()                         # only token 0's row, in layer 1
+        changed = (model(idx).logits - plain(idx).logits).abs().amax(-1)   # (2, 12)
+    assert changed[1].max() < 1e-6 and changed[0, :6].max() < 1e-6       # rows and positions before it: untouched
+    assert (changed[0, 6:] > 1e-4).all()                                    # from its position on (causal)
+    # the gate: 2·sigmoid of the first 12 channels of the attention input, one value per KV head
+    gate = model.blocks[1].value_gate
+    x, ve = torch.randn(2, 3, 64), torch.randn(2, 3, 2 * 16)
+    expected = ve.view(2, 3, 2, 16) * 2 * torch.sigmoid(x[..., :12] @ gate.proj.weight.T)[..., None]
+    torch.testing.assert_close(gate(x, ve), expected.view(2, 3, 32))
+
+
+def test_value_embeddings_train_with_adamw_their_gates_with_muon():
+    from lunaris.train.muon import muon_parameters
+    from lunaris.train.optim import build_optimizer
+    model = LunarisCodex(tiny_model_config(n_layers=4, value_embeddings=2))
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = {names[id(p)] for p in muon_parameters(model)}
+    assert {"blocks.1.value_gate.proj.weight", "blocks.3.value_gate.proj.weight"} <= muon
+    assert not any(n.startswith("value_embeds") for n in muon)
+    groups = build_optimizer(model, TrainConfig(model=model.config, optimizer="muon", embedding_lr=0.01), "cpu")
+    embedding = next(g for g in groups.param_groups if g["name"] == "embedding")
+    assert {names[id(p)] for p in embedding["params"]} == {"wte.weight", "value_embeds.1.weight",
+                                                           "value_embeds.3.weight"}
+
+
+# ---- residual_scalars ----------------------------------------------------------------------------------------
+
+def test_residual_scalars_start_as_the_plain_model_and_mix_the_embedding_into_every_block():
+    torch.manual_seed(0)
+    plain = LunarisCodex(tiny_model_config(n_layers=3)).eval()
+    torch.manual_seed(0)
+    model = LunarisCodex(tiny_model_config(n_layers=3, residual_scalars=True)).eval()
+    assert model.residual_scalars.residual.tolist() == [1.0] * 3 and model.residual_scalars.x0.tolist() == [0.0] * 3
+    for name, value in plain.state_dict().items():                          # they draw no random numbers
+        assert torch.equal(value, model.state_dict()[name]), name
+    idx = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx).logits, plain(idx).logits, rtol=0, atol=0)
+        model.residual_scalars.residual.copy_(torch.tensor([0.5, 2.0, 0.0]))
+        model.residual_scalars.x0.copy_(torch.tensor([0.3, -1.0, 1.0]))
+        # by hand: before block i, x = r_i·x + s_i·x0; with r_2 = 0 and s_2 = 1 the last block reads x0 alone
+        x0 = model.wte(idx)
+        cos, sin = model.rotary(0, 10)
+        x = model.blocks[2](x0, cos, sin)[0]
+        torch.testing.assert_close(model(idx).logits, model.lm_head(model.norm(x)), rtol=1e-5, atol=1e-5)
+        model.residual_scalars.residual.copy_(torch.tensor([0.5, 2.0, 0.7]))
+        x = x0
+        for i, (r, s) in enumerate(((0.5, 0.3), (2.0, -1.0), (0.7, 1.0))):
+            x = model.blocks[i](r * x + s * x0, cos, sin)[0]
+        torch.testing.assert_close(model(idx).logits, model.lm_head(model.norm(x)), rtol=1e-5, atol=1e-5)
+    model.train()
+    model(idx, targets=idx).loss.backward()
+    assert model.residual_scalars.x0.grad.abs().min() > 0                  # each layer's scalars learn
+    assert model.residual_scalars.residual.grad.abs().min() > 0
+
+
+# ---- untied embeddings and the AdamW learning rates of their own -----------------------------------------------
+
+def groups_by_name(optimizer, model) -> dict:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {g["name"]: ({names[id(p)] for p in g["params"]}, g["lr_scale"], g["weight_decay"])
+            for g in optimizer.param_groups}
+
+
+def test_without_learning_rates_of_their_own_the_groups_are_the_usual_ones():
+    from lunaris.train.optim import build_optimizer
+    model = LunarisCodex(tiny_model_config(tie_embeddings=False, residual_scalars=True, value_embeddings=1))
+    groups = groups_by_name(build_optimizer(model, TrainConfig(model=model.config), "cpu"), model)
+    assert list(groups) == ["decay", "no_decay"]
+    assert {"wte.weight", "lm_head.weight", "value_embeds.1.weight"} <= groups["decay"][0]
+    assert {"residual_scalars.residual", "residual_scalars.x0"} <= groups["no_decay"][0]
+
+
+def test_embedding_head_and_scalar_learning_rates_get_groups_of_their_own_and_take_those_steps():
+    from lunaris.train.optim import apply_lr, build_optimizer, lr_at
+    model = LunarisCodex(tiny_model_config(tie_embeddings=False, residual_scalars=True))
+    config = TrainConfig(model=model.config, optimizer="muon", learning_rate=1e-3, embedding_lr=5e-2,
+                         lm_head_lr=1e-4, scalar_lr=2e-2, warmup_steps=0, max_steps=100)
+    optimizer = build_optimizer(model, config, "cpu")
+    groups = groups_by_name(optimizer, model)
+    assert groups["embedding"] == ({"wte.weight"}, pytest.approx(50.0), 0.1)
+    assert groups["lm_head"] == ({"lm_head.weight"}, pytest.approx(0.1), 0.1)
+    assert groups["scalars"] == ({"residual_scalars.residual", "residual_scalars.x0"}, pytest.approx(20.0), 0.0)
+    assert "decay" not in groups                                            # Muon has every block matrix
+    apply_lr(optimizer, lr_at(0, config))
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert (lrs["embedding"], lrs["lm_head"], lrs["scalars"]) == pytest.approx((5e-2, 1e-4, 2e-2))
+    # one AdamW step moves each weight by about its group's learning rate (Adam's first step is lr·sign(grad))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    idx = torch.randint(0, 128, (4, 16))
+    model(idx, targets=idx).loss.backward()
+    optimizer.step()
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters()}
+    assert moved["wte.weight"] == pytest.approx(5e-2, rel=0.05)
+    assert moved["lm_head.weight"] == pytest.approx(1e-4, rel=0.05)
+    assert moved["residual_scalars.x0"] == pytest.approx(2e-2, rel=0.05)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resuming_with_a_learning_rate_of_its_own_set_or_cleared_is_a_clear_error(optimizer):
+    from lunaris.errors import CheckpointError
+    from lunaris.train.optim import build_optimizer, check_groups
+    model = LunarisCodex(tiny_model_config(tie_embeddings=False))
+    plain = build_optimizer(model, TrainConfig(model=model.config, optimizer=optimizer), "cpu")
+    own = build_optimizer(model, TrainConfig(model=model.config, optimizer=optimizer, embedding_lr=1e-2), "cpu")
+    check_groups(plain, plain.state_dict())                                 # the same groups: fine
+    check_groups(own, build_optimizer(model, TrainConfig(model=model.config, optimizer=optimizer,
+                                                         embedding_lr=5e-2), "cpu").state_dict())  # another value
+    with pytest.raises(CheckpointError, match="embedding_lr, lm_head_lr and scalar_lr each give a group"):
+        check_groups(own, plain.state_dict())
+    with pytest.raises(CheckpointError, match="optimizer has the parameter groups .*embedding"):
+        check_groups(plain, own.state_dict())
+
+
+def test_learning_rates_of_parts_the_model_does_not_have_are_config_errors():
+    from lunaris.config import LunarisCodexConfig
+    problems = TrainConfig(model=LunarisCodexConfig(), lm_head_lr=1e-3, scalar_lr=1e-2).problems()
+    assert any("lm_head_lr (0.001) is the learning rate of an untied LM head" in p for p in problems)
+    assert any("scalar_lr (0.01) is the learning rate of the residual scalars" in p for p in problems)
+    assert TrainConfig(model=LunarisCodexConfig(tie_embeddings=False, residual_scalars=True), lm_head_lr=1e-3,
+                       scalar_lr=1e-2, embedding_lr=1e-2).problems() == []
+
+
+# ---- every option together: decoding ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides", [
+    dict(mlp="relu2"),
+    dict(n_layers=3, value_embeddings=2, n_kv_heads=1),
+    dict(residual_scalars=True),
+    dict(n_layers=4, mlp="relu2", value_embeddings=2, residual_scalars=True, tie_embeddings=False, qk_norm=True,
+         logit_softcap=10.0, n_reasoning_steps=2),
+], ids=["relu2", "value-embeddings-mqa", "residual-scalars", "every-option"])
+def test_cached_and_static_decoding_with_the_new_options_equal_the_forward(overrides):
+    model = random_model(**overrides)
+    with torch.no_grad():
+        if model.residual_scalars is not None:
+            model.residual_scalars.residual.uniform_(0.5, 1.5)
+            model.residual_scalars.x0.uniform_(-1.0, 1.0)
+        assert_decoding_matches_forward(model)
+
+
+def test_gradient_checkpointing_with_value_embeddings_and_residual_scalars_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = LunarisCodex(tiny_model_config(n_layers=4, value_embeddings=2, residual_scalars=True,
+                                               use_gradient_checkpointing=checkpointing)).train()
+        idx = torch.randint(0, 128, (2, 16))
+        model(idx, targets=idx).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grad, grads[1][name], rtol=0, atol=1e-6, msg=name)
+
+
+# ---- Muon: coefficients and learning-rate scaling ----------------------------------------------------------------
+
+def test_polar_express_is_its_quintic_steps_and_orthogonalizes_better_than_the_torch_coefficients():
+    from lunaris.train.muon import POLAR_EXPRESS, newton_schulz, polar_express
+    torch.manual_seed(0)
+    grad = torch.randn(3, 32, 96) @ torch.diag(torch.logspace(-2, 0, 96))   # an ill-conditioned gradient
+    x = grad / (grad.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)
+    for a, b, c in POLAR_EXPRESS:                                            # by hand: X <- aX + b(XXᵀ)X + c(XXᵀ)²X
+        gram = x @ x.mT
+        x = a * x + b * gram @ x + c * gram @ gram @ x
+    ours = polar_express(grad, 5, torch.float32)
+    torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(polar_express(grad.mT, 5, torch.float32), x.mT, rtol=1e-4, atol=1e-5)  # tall
+    spread = torch.linalg.svdvals(ours)
+    torch_spread = torch.linalg.svdvals(newton_schulz(grad, 5, torch.float32))
+    assert 0.8 < spread.min() and spread.max() < 1.2                       # every singular value near 1
+    assert torch_spread.min() < 0.75                                        # the torch coefficients stop short
+
+
+def muon_step(param: torch.Tensor, grad: torch.Tensor, **options) -> torch.Tensor:
+    """The update one Muon step (no momentum history, no weight decay) makes to `param`."""
+    from lunaris.train.muon import Muon
+    p = torch.nn.Parameter(param.clone())
+    p.grad = grad.clone()
+    Muon([p], lr=0.02, weight_decay=0.0, momentum=0.0, **options).step()
+    return p.detach() - param
+
+
+@pytest.mark.parametrize("shape", [(48, 16), (16, 48)], ids=["tall", "wide"])
+def test_muon_learning_rate_scalings_set_each_matrix_step(shape):
+    from lunaris.train.muon import newton_schulz
+    torch.manual_seed(0)
+    param, grad = torch.randn(shape), torch.randn(shape)
+    ortho = newton_schulz(grad[None], 5, torch.float32)[0]
+    out, fan_in = shape
+    expected = {"shape": math.sqrt(max(1, out / fan_in)), "spectral": math.sqrt(out / fan_in),
+                "rms": 0.2 * math.sqrt(max(out, fan_in))}
+    for scaling, multiple in expected.items():
+        step = muon_step(param, grad, lr_scaling=scaling)
+        torch.testing.assert_close(step, -0.02 * multiple * ortho, rtol=0, atol=1e-6)   # steps ~1e-3
+    torch.testing.assert_close(muon_step(param, grad), muon_step(param, grad, lr_scaling="shape"), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
+def test_muon_rms_scaling_is_torch_muons_match_rms_adamw():
+    import lunaris.train.muon as muon_module
+    torch.manual_seed(0)
+    ours_param = torch.nn.Parameter(torch.randn(12, 40))
+    theirs = torch.nn.Parameter(ours_param.detach().clone())
+    ours = muon_module.Muon([ours_param], lr=0.02, weight_decay=0.1, momentum=0.95, lr_scaling="rms")
+    reference = torch.optim.Muon([theirs], lr=0.02, weight_decay=0.1, momentum=0.95, adjust_lr_fn="match_rms_adamw")
+    real = muon_module.newton_schulz
+    try:  # torch's iteration runs in bf16: compare in bf16
+        muon_module.newton_schulz = lambda g, steps, dtype: real(g, steps, torch.bfloat16)
+        for _ in range(2):
+            grad = torch.randn_like(ours_param)
+            ours_param.grad, theirs.grad = grad.clone(), grad.clone()
+            ours.step()
+            reference.step()
+    finally:
+        muon_module.newton_schulz = real
+    torch.testing.assert_close(ours_param.detach(), theirs.detach(), atol=1e-5, rtol=0)
+
+
+def test_muon_options_reach_the_optimizer_and_default_to_torch_muon():
+    from lunaris.train.optim import build_optimizer
+    model = LunarisCodex(tiny_model_config())
+    default = build_optimizer(model, TrainConfig(model=model.config, optimizer="muon"), "cpu").optimizers["muon"]
+    assert (default.defaults["ns_coefficients"], default.defaults["lr_scaling"]) == ("torch", "shape")
+    chosen = build_optimizer(model, TrainConfig(model=model.config, optimizer="muon", muon_lr_scaling="spectral",
+                                                muon_ns_coefficients="polar_express"), "cpu").optimizers["muon"]
+    assert (chosen.param_groups[0]["ns_coefficients"], chosen.param_groups[0]["lr_scaling"]) == (
+        "polar_express", "spectral")
+    with pytest.raises(ConfigError, match="muon_lr_scaling must be one of shape, spectral, rms, got 'spectrum'"):
+        load_config(None, ["--muon_lr_scaling=spectrum"])

@@ -85,13 +85,15 @@ class CausalSelfAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
 
-    def forward(self, x, cos, sin, cache: KVCache = None, start: int = 0, mask: torch.Tensor = None):
+    def forward(self, x, cos, sin, cache: KVCache = None, start: int = 0, mask: torch.Tensor = None,
+                ve: torch.Tensor = None):
         """x (B, T, D); cos/sin (T, hd), or (B, 1, T, hd) for per-row positions (left-padded prompts).
 
         `mask` (B, 1, T, S) bool, True where a query may see a key, replaces the causal mask (padded prompts).
+        `ve` (B, T, Hkv·hd): a gated value embedding added to the values (model.value_embeddings), or None.
         """
         B, T, _ = x.shape
-        q, k, v = self._project(x, cos, sin)
+        q, k, v = self._project(x, cos, sin, ve=ve)
         if cache is not None:
             k, v = cache.update(k, v, start)                                # (B, Hkv, start+T, hd)
         if mask is None:
@@ -103,7 +105,7 @@ class CausalSelfAttention(nn.Module):
         return self.proj(y)
 
     def decode(self, x, cos, sin, cache: KVCache, slot: torch.Tensor, mask: torch.Tensor = None,
-               length: int = None):
+               length: int = None, ve: torch.Tensor = None):
         """One new token per row, with static shapes: x (B, 1, D) -> (B, 1, D).
 
         Its key/value goes to cache position `slot` ((1,) long tensor, one position for the whole batch: prompts
@@ -111,18 +113,20 @@ class CausalSelfAttention(nn.Module):
         position on the host), or over the whole cache (length None, static shapes), `mask` ((B or 1, 1, 1, S)
         bool) hiding the positions not to see: left padding, and with length None the unwritten ones.
         """
-        q, k, v = self._project(x, cos, sin, decode_linear)
+        q, k, v = self._project(x, cos, sin, decode_linear, ve)
         k, v = cache.write(k, v, slot, length)                             # (B, Hkv, S, hd)
         y = self._attend(q, k, v, mask, False)
         return decode_linear(y, self.proj.weight)
 
-    def _project(self, x, cos, sin, linear=None):
-        """q (B, Hq, T, hd), k and v (B, Hkv, T, hd), q and k normalized (qk_norm) and rotated; `linear(x, weight)`
-        replaces self.qkv."""
+    def _project(self, x, cos, sin, linear=None, ve=None):
+        """q (B, Hq, T, hd), k and v (B, Hkv, T, hd), q and k normalized (qk_norm) and rotated, `ve` added to v;
+        `linear(x, weight)` replaces self.qkv."""
         B, T, _ = x.shape
         qkv = self.qkv(x) if linear is None else linear(x, self.qkv.weight)
         q, k, v = qkv.split(
             [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
+        if ve is not None:
+            v = v + ve                                                     # (B, T, Hkv * hd)
         q = q.view(B, T, self.n_heads, self.head_dim)                      # (B, T, Hq, hd)
         k = k.view(B, T, self.n_kv_heads, self.head_dim)                   # (B, T, Hkv, hd)
         if self.q_norm is not None:

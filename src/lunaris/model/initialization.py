@@ -9,7 +9,8 @@ and down, collaboration, shared experts; the final norm; an untied LM head), by 
 - residual output projections, the parameters a module lists in its `residual_out` (attention output, FFN and
   expert down, collaboration output), Normal(0, 0.02/sqrt(2·n_layers)); with `zero_init_out` exact zeros, drawn
   with std 0 so that every other weight gets the same numbers as without it;
-- norms weight 1, bias 0; other biases 0.
+- norms weight 1, bias 0; the parameters a module lists in its `init_ones` 1 (the residual scalars' residual
+  weights); other biases and vectors 0 (the residual scalars' x0 weights).
 
 Buffers are not drawn: the rotary tables are computed (RotaryEmbedding rebuilds them whenever the model moves),
 every other buffer is state that starts at 0 (MoC's routing bias and its load counts).
@@ -38,7 +39,7 @@ def initialize(module: nn.Module, config) -> nn.Module:
             if id(param) in drawn:
                 continue
             drawn.add(id(param))
-            if isinstance(sub, RMSNorm) and name == "weight":
+            if (isinstance(sub, RMSNorm) and name == "weight") or name in getattr(sub, "init_ones", ()):
                 nn.init.ones_(param)
             elif param.dim() < 2:   # norm and other biases
                 nn.init.zeros_(param)

@@ -1,4 +1,5 @@
-"""Building blocks: RMSNorm, rotary embeddings, SwiGLU and the iterative reasoning FFN (IRL).
+"""Building blocks: RMSNorm, rotary embeddings, the MLPs (SwiGLU, relu²), the iterative reasoning FFN (IRL), and
+two recipe options' small modules: the value-embedding gate and the residual scalars.
 
 Shapes: B batch, T sequence, D d_model, H hidden size of the FFN, hd head_dim.
 """
@@ -84,6 +85,62 @@ class SwiGLU(nn.Module):
         # and the backward concatenates the (2H, D) weight gradient, not a (B, T, 2H) activation gradient.
         w_gate, w_up = self.gate_up.weight.chunk(2, dim=0)           # (H, D) each
         return self.down(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up))  # (B, T, H) -> (B, T, D)
+
+
+class ReluSquared(nn.Module):
+    """down(relu(up(x))²), two matrices D -> H -> D (model.mlp: relu2; nanochat's MLP, after Primer, So et al. 2021).
+
+    Its hidden size when derived is ffn_mult·d_model, SwiGLU's is 2/3 of that: both have 2·ffn_mult·D² weights.
+    """
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.up = nn.Linear(d_model, hidden, bias=False)
+        self.down = nn.Linear(hidden, d_model, bias=False)
+        self.down.residual_out = ("weight",)  # a residual output projection: depth-scaled init
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.relu(self.up(x)).square())                # (B, T, H) -> (B, T, D)
+
+
+MLPS = {"swiglu": SwiGLU, "relu2": ReluSquared}  # model.mlp -> the dense FFN's class
+
+
+class ValueGate(nn.Module):
+    """How much of its value embedding each KV head of a layer takes (model.value_embeddings).
+
+    The gate is 2·sigmoid of a linear map of the first `channels` channels of the attention input, one per token
+    and KV head: in (0, 2), 1 for zero weights. Cheap (12 inputs, as nanochat), yet it lets a layer weigh the
+    token's own embedding against the values it computes.
+    """
+
+    def __init__(self, d_model: int, n_kv_heads: int, channels: int = 12):
+        super().__init__()
+        self.channels = min(channels, d_model)
+        self.proj = nn.Linear(self.channels, n_kv_heads, bias=False)
+
+    def forward(self, x: torch.Tensor, ve: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D) the attention input, ve (B, T, Hkv·hd) the value embedding -> (B, T, Hkv·hd) gated."""
+        gate = 2 * torch.sigmoid(self.proj(x[..., :self.channels]))          # (B, T, Hkv)
+        B, T, _ = ve.shape
+        return (ve.view(B, T, gate.shape[-1], -1) * gate.unsqueeze(-1).to(ve.dtype)).view(B, T, -1)
+
+
+class ResidualScalars(nn.Module):
+    """Two learnable scalars per layer on the residual stream (model.residual_scalars, as in modded-nanogpt and
+    nanochat): before block i, x = residual[i]·x + x0[i]·x0, x0 the token embedding. The block then sees a mix of
+    the stream and the raw embedding, and each layer sets how much of the stream carries on. They start at 1 and 0
+    (`init_ones`: initialization.py), the model without them."""
+
+    init_ones = ("residual",)
+
+    def __init__(self, n_layers: int):
+        super().__init__()
+        self.residual = nn.Parameter(torch.ones(n_layers))
+        self.x0 = nn.Parameter(torch.zeros(n_layers))
+
+    def forward(self, layer: int, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        return self.residual[layer] * x + self.x0[layer] * x0                  # (B, T, D)
 
 
 class IRLProbe:
@@ -186,14 +243,15 @@ def irl_iterate(ffn, x: torch.Tensor, steps: int, alpha: float, stats: dict = No
 
 
 class ReasoningFeedForward(nn.Module):
-    """Dense FFN layer: SwiGLU iterated `n_reasoning_steps` times (IRL). Returns (y, aux=None, stats).
+    """Dense FFN layer: the MLP (SwiGLU, or relu² with model.mlp: relu2) iterated `n_reasoning_steps` times (IRL).
+    Returns (y, aux=None, stats).
 
-    `hidden` (default ffn_hidden) sets the SwiGLU width; MoC's shared experts are one such FFN.
+    `hidden` (default ffn_hidden) sets the MLP width; MoC's shared experts are one such FFN.
     """
 
     def __init__(self, config, hidden: int = None):
         super().__init__()
-        self.ffn = SwiGLU(config.d_model, hidden or config.ffn_hidden)
+        self.ffn = MLPS[config.mlp](config.d_model, hidden or config.ffn_hidden)
         self.steps = config.n_reasoning_steps
         self.alpha = config.irl_step_scale
         self.irl_probe = None   # an open IRLProbe (log steps of training; analysis), else None
@@ -203,5 +261,5 @@ class ReasoningFeedForward(nn.Module):
         return irl_iterate(self.ffn, x, self.steps, self.alpha, stats, probe=self.irl_probe), None, stats
 
     def matmul_params_per_token(self) -> int:
-        """Weights each token multiplies through (for FLOP counting): 3·D·H per IRL step."""
-        return self.steps * (self.ffn.gate_up.weight.numel() + self.ffn.down.weight.numel())
+        """Weights each token multiplies through (for FLOP counting): the MLP's (SwiGLU 3·D·H) per IRL step."""
+        return self.steps * sum(weight.numel() for weight in self.ffn.parameters())

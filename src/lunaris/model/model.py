@@ -1,9 +1,9 @@
 """LunarisCodex: a decoder-only transformer, dense (Llama-style) or MoC (mixture of collaborating experts).
 
 Read top to bottom: Block (pre-norm attention + pre-norm FFN), then the model (embedding, blocks,
-final norm, tied LM head), its loss, the one-token decode step (generation.py runs the decoding loop), FLOP
-count, what training asks of it (hooks, analysis, AdamW groups from param_groups.py); last,
-`model_from_checkpoint` (the model a checkpoint describes). Single-device
+final norm, tied LM head; with the recipe options, value embeddings and residual scalars), its loss, the one-token
+decode step (generation.py runs the decoding loop), FLOP count, what training asks of it (hooks, analysis, AdamW
+groups from param_groups.py); last, `model_from_checkpoint` (the model a checkpoint describes). Single-device
 code: parallelism, training compilation and precision are applied from outside (lunaris.train).
 """
 
@@ -18,7 +18,16 @@ from lunaris.config import LunarisCodexConfig, raise_problems
 from lunaris.model.attention import CausalSelfAttention, KVCache, decode_linear
 from lunaris.model.generation import decode_compile_options, generate_tokens, stream_tokens
 from lunaris.model.initialization import initialize
-from lunaris.model.layers import IRLProbe, ReasoningFeedForward, RMSNorm, RotaryEmbedding, irl_iterate
+from lunaris.model.layers import (
+    IRLProbe,
+    ReasoningFeedForward,
+    ReluSquared,
+    ResidualScalars,
+    RMSNorm,
+    RotaryEmbedding,
+    ValueGate,
+    irl_iterate,
+)
 from lunaris.model.moc import ExpertBalance, MoCLayer
 from lunaris.model.param_groups import adamw
 
@@ -43,35 +52,47 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm = RMSNorm(config.d_model, config.norm_eps, bias=config.norm_bias)
         self.attn = CausalSelfAttention(config)
+        # value_embeddings: how much of the layer's value embedding (`ve`, looked up by the model) each KV head takes
+        self.value_gate = ValueGate(config.d_model, config.kv_heads) if layer in config.value_embedding_layers else None
         self.ffn_norm = RMSNorm(config.d_model, config.norm_eps, bias=config.norm_bias)
         self.ffn = make_ffn(config, layer)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin, cache: KVCache = None, start: int = 0, mask: torch.Tensor = None):
-        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache, start, mask))   # (B, T, D)
+    def forward(self, x, cos, sin, cache: KVCache = None, start: int = 0, mask: torch.Tensor = None,
+                ve: torch.Tensor = None):
+        h = self.attn_norm(x)                                                                # (B, T, D)
+        ve = None if ve is None else self.value_gate(h, ve)                                  # (B, T, Hkv*hd)
+        x = x + self.dropout(self.attn(h, cos, sin, cache, start, mask, ve))
         y, aux, stats = self.ffn(self.ffn_norm(x))
         return x + self.dropout(y), aux, stats
 
     def decode(self, x, cos, sin, cache: KVCache, slot: torch.Tensor, mask: torch.Tensor = None,
-               length: int = None):
+               length: int = None, ve: torch.Tensor = None):
         """One new token per row, static shapes (CausalSelfAttention.decode); eval only: no dropout, no aux."""
-        x = x + self.attn.decode(self.attn_norm(x), cos, sin, cache, slot, mask, length)    # (B, 1, D)
+        h = self.attn_norm(x)                                                                # (B, 1, D)
+        ve = None if ve is None else self.value_gate(h, ve)
+        x = x + self.attn.decode(h, cos, sin, cache, slot, mask, length, ve)
         return x + decode_ffn(self.ffn, self.ffn_norm(x))
 
 
 def decode_ffn(ffn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A block's FFN output for a decode step: the dense IRL FFN through `decode_linear`, a MoC layer as in forward.
 
-    The dense path computes what ReasoningFeedForward/SwiGLU compute (eager: the same operations, so the same
-    bits); under torch.compile on CPU its products become the weight-streaming loops of `decode_linear`.
+    The dense path computes what ReasoningFeedForward and its MLP (SwiGLU or relu²) compute (eager: the same
+    operations, so the same bits); under torch.compile on CPU its products become the weight-streaming loops of
+    `decode_linear`.
     """
     if not isinstance(ffn, ReasoningFeedForward):
         return ffn(x)[0]                                       # MoC: (y, aux, stats); dropless in eval mode
-    swiglu = ffn.ffn
-    w_gate, w_up = swiglu.gate_up.weight.chunk(2, dim=0)       # (H, D) each
+    mlp = ffn.ffn
+    if isinstance(mlp, ReluSquared):
+        def step(z):
+            return decode_linear(F.relu(decode_linear(z, mlp.up.weight)).square(), mlp.down.weight)
+    else:
+        w_gate, w_up = mlp.gate_up.weight.chunk(2, dim=0)      # (H, D) each
 
-    def step(z):
-        return decode_linear(F.silu(decode_linear(z, w_gate)) * decode_linear(z, w_up), swiglu.down.weight)
+        def step(z):
+            return decode_linear(F.silu(decode_linear(z, w_gate)) * decode_linear(z, w_up), mlp.down.weight)
 
     return irl_iterate(step, x, ffn.steps, ffn.alpha)
 
@@ -109,8 +130,13 @@ class LunarisCodex(nn.Module):
         device = torch.get_default_device()
         with torch.device("meta"):  # built without drawing a number: init_weights below draws each weight once
             self.wte = nn.Embedding(config.vocab_size, config.d_model)
+            # value_embeddings: one more token embedding per chosen layer, of the layer's value width (empty: none)
+            self.value_embeds = nn.ModuleDict({str(layer): nn.Embedding(config.vocab_size, config.kv_heads *
+                                                                        config.head_dim)
+                                               for layer in config.value_embedding_layers})
             self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
             self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layers))
+            self.residual_scalars = ResidualScalars(config.n_layers) if config.residual_scalars else None
             self.norm = RMSNorm(config.d_model, config.norm_eps, bias=False)
             self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.to_empty(device=device)  # storage on the default device (the rotary tables are computed there)
@@ -148,14 +174,15 @@ class LunarisCodex(nn.Module):
             cos, sin = self.rotary(start, T)                   # (T, hd) each, fp32
         else:
             cos, sin = self.rotary.cos[positions].unsqueeze(1), self.rotary.sin[positions].unsqueeze(1)  # (B, 1, T, hd)
-        x = self.wte(idx)                                      # (B, T, D)
+        x = x0 = self.wte(idx)                                 # (B, T, D)
         aux_losses, layer_stats = [], []
         for i, block in enumerate(self.blocks):
             cache = caches[i] if caches is not None else None
+            x, ve = self.mix_embedding(i, x, x0), self.value_embedding(i, idx)   # (B, T, D), (B, T, Hkv*hd) or None
             if self.config.use_gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x, aux, stats = checkpoint(block, x, cos, sin, cache, start, attn_mask, use_reentrant=False)
+                x, aux, stats = checkpoint(block, x, cos, sin, cache, start, attn_mask, ve, use_reentrant=False)
             else:
-                x, aux, stats = block(x, cos, sin, cache, start, attn_mask)
+                x, aux, stats = block(x, cos, sin, cache, start, attn_mask, ve)
             if aux is not None:
                 aux_losses.append(aux)
             layer_stats.append(stats)
@@ -170,6 +197,16 @@ class LunarisCodex(nn.Module):
             main_loss = self.cross_entropy(logits, targets)
             loss = main_loss + aux_loss
         return ModelOutput(logits, loss, main_loss, aux_loss, merge_stats(layer_stats))
+
+    def mix_embedding(self, layer: int, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """The residual stream block `layer` reads: x itself, or with residual_scalars r·x + s·x0 (x0 the token
+        embedding, (B, T, D))."""
+        return x if self.residual_scalars is None else self.residual_scalars(layer, x, x0)
+
+    def value_embedding(self, layer: int, idx: torch.Tensor):
+        """(B, T, Hkv·hd) value embedding of the tokens for block `layer` (value_embeddings), or None."""
+        table = self.value_embeds[str(layer)] if str(layer) in self.value_embeds else None
+        return None if table is None else table(idx)
 
     @staticmethod
     def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -225,9 +262,10 @@ class LunarisCodex(nn.Module):
         else:
             written = torch.arange(caches[0].k.shape[2], device=slot.device) <= slot     # (S,)
             mask = written.view(1, 1, 1, -1) if key_ok is None else (written & key_ok)[:, None, None, :]
-        x = self.wte(token)                                                               # (B, 1, D)
-        for block, cache in zip(self.blocks, caches):
-            x = block.decode(x, cos, sin, cache, slot, mask, length)
+        x = x0 = self.wte(token)                                                          # (B, 1, D)
+        for i, (block, cache) in enumerate(zip(self.blocks, caches)):
+            x = block.decode(self.mix_embedding(i, x, x0), cos, sin, cache, slot, mask, length,
+                             self.value_embedding(i, token))
         logits = decode_linear(self.norm(x), self.lm_head.weight)[:, -1]                # (B, vocab)
         return soft_cap(logits, self.config.logit_softcap)
 
@@ -256,9 +294,11 @@ class LunarisCodex(nn.Module):
 
     # ---- accounting ----
     def num_params(self, exclude_embedding: bool = False) -> int:
-        """Unique parameters (a tied LM head counts once)."""
+        """Unique parameters (a tied LM head counts once); `exclude_embedding` leaves out the token embedding and
+        the value embeddings (lookups, not products)."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.wte.weight.numel() if exclude_embedding else n
+        embeddings = self.wte.weight.numel() + sum(table.weight.numel() for table in self.value_embeds.values())
+        return n - embeddings if exclude_embedding else n
 
     def flops_per_token(self, seq_len: int = None) -> float:
         """Training FLOPs per token (forward + backward): 6·(active matmul weights) + 12·L·Hq·hd·T (attention).
@@ -272,6 +312,7 @@ class LunarisCodex(nn.Module):
         for block in self.blocks:
             matmul += block.attn.qkv.weight.numel() + block.attn.proj.weight.numel()
             matmul += block.ffn.matmul_params_per_token()
+            matmul += block.value_gate.proj.weight.numel() if block.value_gate is not None else 0
         return 6.0 * matmul + 12.0 * c.n_layers * c.n_heads * c.head_dim * T
 
     # ---- optimizer ----

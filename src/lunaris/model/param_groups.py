@@ -1,30 +1,39 @@
 """Which parameters of the model are which kind, for optimizers: a property of the model, written once.
 
-Four kinds, decided by a parameter's name and shape:
-- `matrix`: a >=2-D weight inside the blocks (attention q/k/v/o, FFN, collaboration, every stacked expert weight):
-  weight decay; the parameters Muon updates with `optimizer: muon`.
-- `embedding`: a >=2-D weight outside the blocks (token embedding, an untied LM head): weight decay, always AdamW.
+Six kinds, decided by a parameter's name and shape:
+- `matrix`: a >=2-D weight inside the blocks (attention q/k/v/o, FFN, collaboration, every stacked expert weight,
+  the value-embedding gates): weight decay; the parameters Muon updates with `optimizer: muon`.
+- `embedding`: the token embedding and the value embeddings: weight decay, always AdamW.
+- `head`: an untied LM head: weight decay, always AdamW.
 - `vector`: norms and biases (< 2-D): no weight decay.
+- `scalar`: the residual scalars (residual_scalars): no weight decay.
 - `router`: the MoC router: no weight decay, its own learning-rate scale (`router_lr_scale`).
 
-`adamw` is the AdamW of DESIGN.md over them: groups decay (matrix + embedding), no_decay (vector) and router, each
-carrying `lr_scale`. `LunarisCodex.configure_optimizers` and the trainer's optimizer registry (lunaris.train.optim)
-both build it here.
+`adamw` is the AdamW of DESIGN.md over them: groups decay (matrix + embedding + head), no_decay (vector + scalar)
+and router, each carrying `lr_scale`; an embedding, head or scalar learning rate of their own (embedding_lr,
+lm_head_lr, scalar_lr) moves that kind into a group of its own. `LunarisCodex.configure_optimizers` and the
+trainer's optimizer registry (lunaris.train.optim) both build it here.
 """
 
 import torch
 import torch.nn as nn
 
-MATRIX, EMBEDDING, VECTOR, ROUTER = "matrix", "embedding", "vector", "router"
+MATRIX, EMBEDDING, HEAD, VECTOR, SCALAR, ROUTER = "matrix", "embedding", "head", "vector", "scalar", "router"
+# a kind given a learning rate of its own -> (its group's name, whether it takes weight decay)
+OWN_GROUPS = {EMBEDDING: ("embedding", True), HEAD: ("lm_head", True), SCALAR: ("scalars", False)}
 
 
 def parameter_kind(name: str, param: torch.Tensor) -> str:
     """The kind of the parameter called `name` (as `named_parameters` names it) in the model."""
     if "router" in name:
         return ROUTER
+    if name.startswith("residual_scalars."):
+        return SCALAR
     if param.dim() < 2:
         return VECTOR
-    return MATRIX if name.startswith("blocks.") else EMBEDDING
+    if name.startswith("blocks."):
+        return MATRIX
+    return HEAD if name.startswith("lm_head.") else EMBEDDING
 
 
 def parameters_of_kind(model: nn.Module, *kinds: str, exclude=frozenset()) -> list:
@@ -38,14 +47,21 @@ def parameters_of_kind(model: nn.Module, *kinds: str, exclude=frozenset()) -> li
 
 
 def adamw(model: nn.Module, weight_decay: float, learning_rate: float, betas=(0.9, 0.95), device_type: str = "cpu",
-          router_lr_scale: float = 0.5, exclude=frozenset()) -> torch.optim.AdamW:
-    """AdamW with groups decay (>=2-D weights), no_decay (norms, biases), router (no decay, `router_lr_scale`).
+          router_lr_scale: float = 0.5, exclude=frozenset(), own_lr_scales=None) -> torch.optim.AdamW:
+    """AdamW with groups decay (>=2-D weights), no_decay (norms, biases, scalars), router (no decay,
+    `router_lr_scale`).
 
     Every group carries `name` and `lr_scale`; a schedule sets lr = schedule(step) * lr_scale. Parameters whose id()
     is in `exclude` are left out (another optimizer, e.g. Muon, updates them); an empty group is left out.
+    `own_lr_scales` {kind: lr_scale} (kinds of OWN_GROUPS) gives those kinds a group of their own, after the others.
     """
-    settings = {"decay": ((MATRIX, EMBEDDING), weight_decay, 1.0), "no_decay": ((VECTOR,), 0.0, 1.0),
+    own = own_lr_scales or {}
+    settings = {"decay": (tuple(k for k in (MATRIX, EMBEDDING, HEAD) if k not in own), weight_decay, 1.0),
+                "no_decay": (tuple(k for k in (VECTOR, SCALAR) if k not in own), 0.0, 1.0),
                 "router": ((ROUTER,), 0.0, router_lr_scale)}
+    for kind, scale in own.items():
+        name, decays = OWN_GROUPS[kind]
+        settings[name] = ((kind,), weight_decay if decays else 0.0, scale)
     groups = []
     for name, (kinds, decay, scale) in settings.items():
         params = parameters_of_kind(model, *kinds, exclude=exclude)

@@ -257,15 +257,16 @@ def banner(trainer) -> list:
     mode = {"single": "single process"}.get(trainer.parallelism, trainer.parallelism)
     start = (f"resuming from {trainer.resumed_from} at step {trainer.step}" if trainer.resumed_from
              else "starting at step 0")
+    budget = f" or {cfg.max_train_seconds:g} s of training" if cfg.max_train_seconds else ""  # whichever comes first
     lines = [f"lunaris train: {trainer.num_params / 1e6:.2f}M parameters, {trainer.tokens_per_step:,} tokens/step "
              f"({cfg.batch_size} x {trainer.seq_len} x accum {cfg.gradient_accumulation_steps} x {info.world_size} "
-             f"proc), {where}, {DTYPE_NAMES[trainer.dtype]}, {mode}; {start} of {cfg.max_steps}; writing to "
+             f"proc), {where}, {DTYPE_NAMES[trainer.dtype]}, {mode}; {start} of {cfg.max_steps}{budget}; writing to "
              f"{trainer.out_dir}"]
     steps_per_epoch = trainer.loader.batches_per_epoch / cfg.gradient_accumulation_steps
     epochs = cfg.max_steps / steps_per_epoch
     data_tokens = trainer.loader.batches_per_epoch * cfg.batch_size * trainer.seq_len * info.world_size
     lines.append(f"data: {data_tokens:,} training tokens per epoch; {cfg.max_steps} steps = {epochs:.2f} epochs")
-    if epochs > MANY_EPOCHS:
+    if epochs > MANY_EPOCHS and not budget:  # a time budget usually stops long before max_steps
         lines.append(f"warning: the run passes over its training data {epochs:.1f} times; with this little data the "
                      f"model will memorize it and the validation loss will rise. Prepare more text, or lower "
                      f"max_steps to about {int(MANY_EPOCHS * steps_per_epoch)} (watch val/loss, eval_interval).")

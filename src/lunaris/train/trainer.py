@@ -197,7 +197,8 @@ class Trainer:
         """The config's optimizer; resuming, the checkpoint's state with this config's hyperparameters."""
         optimizer = build_optimizer(self.model, self.config, self.info.device.type)
         if saved is not None:
-            load_state_only(optimizer, lambda: self.checkpointer.restore_optimizer(self.model, optimizer, saved))
+            load_state_only(optimizer, lambda: self.checkpointer.restore_optimizer(self.model, optimizer, saved),
+                            saved.get("optimizer"))
         return optimizer
 
     def _build_loader(self):
@@ -270,7 +271,7 @@ class Trainer:
         cosines); None: on log steps only.
         """
         cfg, device, world = self.config, self.info.device, self.info.world_size
-        lr = lr_at(step, cfg)
+        lr = lr_at(step, cfg, self.state.train_seconds)
         apply_lr(self.optimizer, lr)
         analyze = self._logs_after(step + 1) if analyze is None else analyze
         losses = self._accumulate([self._next_batch() for _ in range(cfg.gradient_accumulation_steps)], analyze)
@@ -301,6 +302,11 @@ class Trainer:
             self.logger.message(f"{self.out_dir}: already at step {self.state.step} of max_steps "
                                 f"{self.config.max_steps}; nothing to do (raise --max_steps to train further).")
             return TrainResult(self.state.step, "already-finished", self.resumed_from)
+        if self._out_of_time():
+            self.logger.message(f"{self.out_dir}: already {self.state.train_seconds:.1f} s of training, "
+                                f"max_train_seconds is {self.config.max_train_seconds:g}; nothing to do (raise "
+                                f"--max_train_seconds to train further).")
+            return TrainResult(self.state.step, "already-finished", self.resumed_from)
         with self.signals:
             return self._loop()
 
@@ -310,10 +316,11 @@ class Trainer:
             self.logger.message(line)
         saved_at, last_path = state.step if self.resumed_from else None, self.resumed_from
         interval_time, interval_tokens, last_metrics = 0.0, 0, {}
-        while state.step < cfg.max_steps:
+        done = False
+        while not done:
             began = time.perf_counter()
             result = self.train_step(state.step)
-            elapsed = time.perf_counter() - began  # train_step ends with a host sync: real time
+            elapsed = self._agreed_seconds(time.perf_counter() - began)  # train_step ends with a host sync
             interval_time += elapsed
             state.train_seconds += elapsed
             state.step += 1
@@ -322,23 +329,24 @@ class Trainer:
             self._count_bad_step(result)
             tokens_per_sec = interval_tokens / max(interval_time, 1e-9)
             self.logger.update_bar(result[metrics.LOSS_TOTAL], result[metrics.LR], tokens_per_sec)
+            done = state.step >= cfg.max_steps or self._out_of_time()
 
             record = {}
-            if self._logs_after(state.step):
+            if self._logs_after(state.step) or done:
                 record = self._train_metrics(result, tokens_per_sec)
                 interval_time, interval_tokens = 0.0, 0
             if (self.val_dir is not None or self.tasks) and cfg.eval_interval > 0 and (
-                    state.step % cfg.eval_interval == 0 or state.step == cfg.max_steps):
+                    state.step % cfg.eval_interval == 0 or done):
                 record.update(self.evaluate())
             if record:
                 with stop_together(self.info):  # rank 0 writes: a full disk stops every rank
                     self.logger.log(state.step, record)
                 last_metrics = record
             if state.step % cfg.save_interval == 0:
-                last_path, saved_at = self.save(final=state.step == cfg.max_steps or self.stopping), state.step
+                last_path, saved_at = self.save(final=done or self.stopping), state.step
             if self.stopping:
                 break
-        reason = "signal" if self.stopping and state.step < cfg.max_steps else "finished"
+        reason = "signal" if self.stopping and not done else "finished"
         if saved_at != state.step:
             last_path = self.save(final=True)
         if reason == "signal":
@@ -347,6 +355,19 @@ class Trainer:
         else:
             self.logger.message(f"finished {state.step} steps; final checkpoint {last_path}")
         return TrainResult(state.step, reason, last_path, last_metrics)
+
+    def _out_of_time(self) -> bool:
+        """Whether the training-time budget (max_train_seconds) is spent."""
+        budget = self.config.max_train_seconds
+        return budget is not None and self.state.train_seconds >= budget
+
+    def _agreed_seconds(self, elapsed: float) -> float:
+        """A step's time as every process counts it: with a time budget and several processes, the mean over them
+        (one small collective), so that all take the same learning rates and stop after the same step."""
+        if self.config.max_train_seconds is None or self.info.world_size == 1:
+            return elapsed
+        total = all_reduce_sum(torch.tensor([elapsed], dtype=torch.float64, device=self.info.device))
+        return total.item() / self.info.world_size
 
     def _logs_after(self, step: int) -> bool:
         """Whether the loop logs metrics once `step` steps are done: this run's first, every log_interval, the last."""
