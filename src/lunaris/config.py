@@ -278,12 +278,6 @@ class OptimizerKeys(_Section):
     router_lr_scale: float = key(0.5, "Learning-rate multiplier of the MoC router parameters.", ge=0)
     grad_clip: float = key(1.0, "Clip the global gradient norm to this (0 disables).", ge=0)
 
-    @rule("optimizer", "parallelism")
-    def _muon_needs_whole_matrices(self, r):
-        if self.optimizer == "muon" and self.parallelism == "fsdp":
-            return ("optimizer: muon orthogonalizes whole matrices, which FSDP shards across processes; use "
-                    "parallelism: ddp with muon, or adamw with fsdp.")
-
 
 @dataclass
 class ScheduleKeys(_Section):
