@@ -83,12 +83,11 @@ class Muon(torch.optim.Optimizer):
         # bf16 on GPUs halves the traffic
         compute = torch.bfloat16 if updates[0].is_cuda else torch.float32
         updates = [u.to(compute) for u in updates]
-        mine = plan.owned_by(plan.rank)
         if plan.sharded:
             matrices = plan.gather(updates)
         else:
             matrices = {k: updates[plan.matrices[k].param][plan.matrices[k].rows].reshape(plan.matrices[k].shape)
-                        for k in mine}
+                        for k in plan.mine}
         results = orthogonalize_by_shape(matrices, ns_steps, compute)
         orthos = [torch.empty_like(u) for u in updates]
         if plan.sharded:
@@ -148,6 +147,7 @@ class MatrixPlan:
         self.row_numel = [math.prod(p.shape[1:]) for p in params]
         self.held = [self._held_rows(p) for p in params]  # held[i][r]: (start, stop) rows of param i on rank r
         self.matrices = self._assign([m for i, p in enumerate(params) for m in matrices_of(i, p.shape)])
+        self._routes()
 
     @classmethod
     def of(cls, params: list) -> "MatrixPlan":
@@ -199,71 +199,76 @@ class MatrixPlan:
         start, stop = self.held[m.param][rank]
         return max(0, min(m.stop, stop) - max(m.start, start))
 
+    def _piece(self, m: Matrix, rank: int) -> int:
+        """Elements of matrix `m` that `rank` holds."""
+        return self.overlap(m, rank) * self.row_numel[m.param]
+
     def _local_rows(self, m: Matrix, rank: int) -> slice:
         """The rows of `m` that `rank` holds, in `rank`'s local (shard) coordinates."""
         start, stop = self.held[m.param][rank]
         return slice(max(m.start, start) - start, min(m.stop, stop) - start)
 
-    def _sizes(self, rank: int, owner: int) -> int:
-        """Elements of the matrices `owner` orthogonalizes that `rank` holds (what one sends the other)."""
-        return sum(self.overlap(m, rank) * self.row_numel[m.param] for m in self.matrices if m.owner == owner)
+    def _matrix_rows(self, m: Matrix, rank: int) -> slice:
+        """The rows of `m` that `rank` holds, counted from the matrix's first row."""
+        start, stop = self.held[m.param][rank]
+        return slice(max(m.start, start) - m.start, min(m.stop, stop) - m.start)
+
+    def _routes(self) -> None:
+        """What moves in a step, worked out once: for every peer, the pieces this rank sends it and gets from it."""
+        me, ranks = self.rank, range(self.world)
+        self.owned = [self.owned_by(rank) for rank in ranks]
+        self.mine = self.owned[me]
+        self.owned_numel = [sum(math.prod(self.matrices[k].shape) for k in keys) for keys in self.owned]
+        if not self.sharded:
+            return
+        held = [[m for m in self.matrices if m.owner == owner and self.overlap(m, me)] for owner in ranks]
+        # gather: my rows of each owner's matrices to it; from each rank, the sizes of its rows of mine
+        self.to_owner = [[(m.param, self._local_rows(m, me)) for m in held[owner]] for owner in ranks]
+        self.from_holder = [[self._piece(self.matrices[k], rank) for k in self.mine] for rank in ranks]
+        # scatter: each rank's rows of my results to it; from each owner, my rows of its results
+        self.to_holder = [[(k, self._matrix_rows(self.matrices[k], rank)) for k in self.mine
+                           if self.overlap(self.matrices[k], rank)] for rank in ranks]
+        self.from_owner = [[(m.param, self._local_rows(m, me), self._piece(m, me)) for m in held[owner]]
+                           for owner in ranks]
 
     # ---- FSDP: rows to their owner and back (two all_to_all) ----
 
     def gather(self, updates: list) -> dict:
         """{matrix index: the whole matrix} of the matrices this rank owns, from every rank's rows of them."""
-        me, empty = self.rank, updates[0].new_empty(0)
-        send = [torch.cat([empty] + [updates[m.param][self._local_rows(m, me)].reshape(-1)
-                                     for m in self.matrices if m.owner == owner and self.overlap(m, me)])
-                for owner in range(self.world)]
-        received = all_to_all_flat(send, [self._sizes(source, me) for source in range(self.world)], self.group)
-        mine = self.owned_by(me)
-        pieces = {k: [] for k in mine}
-        for source, flat in enumerate(received):
-            sizes = [self.overlap(self.matrices[k], source) * self.row_numel[self.matrices[k].param] for k in mine]
-            for k, piece in zip(mine, flat.split(sizes)):
-                pieces[k].append(piece)   # sources in rank order: rows in order
-        return {k: torch.cat(pieces[k]).view(self.matrices[k].shape) for k in mine}
+        empty = updates[0].new_empty(0)
+        send = [torch.cat([empty] + [updates[i][rows].reshape(-1) for i, rows in pieces]) for pieces in self.to_owner]
+        received = all_to_all_flat(send, [sum(sizes) for sizes in self.from_holder], self.group)
+        pieces = {k: [] for k in self.mine}
+        for flat, sizes in zip(received, self.from_holder):   # ranks in order: a matrix's rows in order
+            for k, piece in zip(self.mine, flat.split(sizes)):
+                pieces[k].append(piece)
+        return {k: torch.cat(pieces[k]).view(self.matrices[k].shape) for k in self.mine}
 
     def scatter(self, results: dict, orthos: list) -> None:
         """Write into `orthos` (this rank's shards) its rows of every result, from the results' owners."""
-        me, mine = self.rank, self.owned_by(self.rank)
         empty = orthos[0].new_empty(0)
-        send = []
-        for rank in range(self.world):
-            parts = []
-            for k in mine:
-                m = self.matrices[k]
-                if self.overlap(m, rank):
-                    first = self.held[m.param][rank][0]
-                    rows = slice(max(m.start, first) - m.start, min(m.stop, self.held[m.param][rank][1]) - m.start)
-                    parts.append(results[k].reshape(m.stop - m.start, -1)[rows].reshape(-1))
-            send.append(torch.cat([empty] + parts))
-        received = all_to_all_flat(send, [self._sizes(me, owner) for owner in range(self.world)], self.group)
-        for owner, flat in enumerate(received):
-            theirs = [m for m in self.matrices if m.owner == owner and self.overlap(m, me)]
-            for m, piece in zip(theirs, flat.split([self.overlap(m, me) * self.row_numel[m.param] for m in theirs])):
-                target = orthos[m.param][self._local_rows(m, me)]
+        send = [torch.cat([empty] + [results[k].reshape(self.matrices[k].stop - self.matrices[k].start, -1)[rows]
+                                     .reshape(-1) for k, rows in pieces]) for pieces in self.to_holder]
+        received = all_to_all_flat(send, [sum(n for _, _, n in pieces) for pieces in self.from_owner], self.group)
+        for flat, pieces in zip(received, self.from_owner):
+            for (i, rows, _), piece in zip(pieces, flat.split([n for _, _, n in pieces])):
+                target = orthos[i][rows]
                 target.copy_(piece.view_as(target))
 
     # ---- one process or DDP: every result to every rank (one all_gather) ----
 
     def share(self, results: dict, orthos: list) -> None:
         """Write every result into `orthos` (whole parameters), each rank's own results gathered from it."""
-        def place(k: int, values: torch.Tensor) -> None:
-            m = self.matrices[k]
-            target = orthos[m.param][m.rows]
-            target.copy_(values.view_as(target))
         if self.world == 1:
-            for k, result in results.items():
-                place(k, result)
-            return
-        owned = [self.owned_by(rank) for rank in range(self.world)]
-        sizes = [sum(math.prod(self.matrices[k].shape) for k in keys) for keys in owned]
-        mine = torch.cat([orthos[0].new_empty(0)] + [results[k].reshape(-1) for k in owned[self.rank]])
-        for keys, flat in zip(owned, all_gather_flat(mine, sizes, self.group)):
-            for k, values in zip(keys, flat.split([math.prod(self.matrices[k].shape) for k in keys])):
-                place(k, values)
+            values = results
+        else:
+            mine = torch.cat([orthos[0].new_empty(0)] + [results[k].reshape(-1) for k in self.mine])
+            values = {}
+            for keys, flat in zip(self.owned, all_gather_flat(mine, self.owned_numel, self.group)):
+                values.update(zip(keys, flat.split([math.prod(self.matrices[k].shape) for k in keys])))
+        for k, value in values.items():
+            target = orthos[self.matrices[k].param][self.matrices[k].rows]
+            target.copy_(value.view_as(target))
 
 
 def matrices_of(index: int, shape) -> list:
