@@ -130,10 +130,19 @@ def test_each_rank_orthogonalizes_about_its_share_of_the_matrices(world, n_exper
 
 
 @pytest.mark.slow
-def test_the_muon_benchmark_times_one_process_against_the_split():
-    from lunaris.bench import MuonBenchOptions, bench_muon, muon_markdown
-    result = bench_muon(MuonBenchOptions(quick=True, parallelism=["fsdp"]))
+def test_the_muon_benchmark_command_times_one_process_against_the_split(tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "bench" / "bench_muon.py"
+    spec = importlib.util.spec_from_file_location("bench_muon", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--quick", "--parallelism", "fsdp", "--json", str(tmp_path / "muon.json")])
+    result = json.loads((tmp_path / "muon.json").read_text())
     assert result["options"]["size"] == "tiny" and result["matrices"] == 8          # 2 layers x 4 matrices
     assert set(result["seconds"]) == {"1", "fsdp 2"} and all(s > 0 for s in result["seconds"].values())
     assert result["ratio"]["fsdp 2"] == pytest.approx(result["seconds"]["fsdp 2"] / result["seconds"]["1"])
-    assert "| fsdp 2 |" in muon_markdown(result)
+    table = capsys.readouterr().out
+    assert "| processes | seconds per step | x one process |" in table and "| fsdp 2 |" in table

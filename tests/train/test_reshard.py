@@ -2,8 +2,9 @@
 
 The reference is an FSDP2 run of 2 processes (Muon, batch_size 2, gradient_accumulation_steps 2: a global batch of
 8 sequences) that saves at step 5 and goes on to step 10. Its step-5 directory resumes on 1 process (which then
-writes what a single-process run writes, a .pt file) and on 4 processes (FSDP, resharded by DCP); the 1-process file
-resumes on 2 FSDP processes again. What is exact and what is not (README, "Multi-GPU and multi-node"):
+writes what a single-process run writes, a .pt file), on 4 processes (FSDP, resharded by DCP) and on 2 DDP
+processes; the 1-process file resumes on 2 FSDP processes again. What is exact and what is not (README,
+"Multi-GPU and multi-node"):
 
 * the model and optimizer state: exact, whatever the world size (checked tensor for tensor);
 * the data: gradient_accumulation_steps is set so the global batch stays 8, and each step trains on the same samples
@@ -25,6 +26,7 @@ from lunaris.data import TokenLoader
 from lunaris.errors import CheckpointError
 from lunaris.train import Trainer
 from lunaris.train.checkpoint import load_checkpoint_file, optimizer_state_by_name
+from lunaris.train.optim import build_optimizer
 
 STEPS, SAVED = 10, 5
 TOLERANCE = 1e-5
@@ -95,11 +97,12 @@ def assert_same_tensors(a: dict, b: dict, where: str = "") -> None:
             assert a[key] == b[key], f"{where}.{key}"
 
 
-def resume_in_processes(tmp_path, train_config, helpers, checkpoint, processes: int):
-    """torchrun WORKER: resume `checkpoint` on `processes` FSDP processes, save at once, train to STEPS."""
+def resume_in_processes(tmp_path, train_config, helpers, checkpoint, processes: int, parallelism: str = "fsdp"):
+    """torchrun WORKER: resume `checkpoint` on `processes` processes, save at once, train to STEPS."""
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
-    config = helpers.write_yaml(reshard_config(train_config, tmp_path / "run"), tmp_path / "config.yaml")
+    config = helpers.write_yaml(reshard_config(train_config, tmp_path / "run", parallelism=parallelism),
+                                tmp_path / "config.yaml")
     done = helpers.torchrun([str(worker), str(config), str(checkpoint)], timeout=420, processes_per_node=processes)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return tmp_path / "run", done.stderr
@@ -133,6 +136,21 @@ def test_an_fsdp_checkpoint_of_two_processes_resumes_on_four(tmp_path, train_con
     assert_same_tensors(mine["optimizer"]["state"], saved["optimizer"]["state"])
     assert mine["world_size"] == 4 and mine["config"]["gradient_accumulation_steps"] == 1
     assert_close_losses(losses_after_resume(helpers, out), losses_after_resume(helpers, reference))
+
+
+@pytest.mark.slow
+def test_an_fsdp_checkpoint_resumes_under_ddp(tmp_path, train_config, helpers, reference):
+    # every DDP process reads the directory whole; the run then writes .pt files, as DDP does
+    out, _ = resume_in_processes(tmp_path, train_config, helpers, reference / f"ckpt_{SAVED}", 2, "ddp")
+    assert (out / f"ckpt_{SAVED}.pt").is_file() and (out / f"ckpt_{STEPS}.pt").is_file()
+    saved, mine = load_checkpoint_file(reference / f"ckpt_{SAVED}"), load_checkpoint_file(out / f"ckpt_{SAVED}.pt")
+    assert_same_tensors(mine["model"], saved["model"])
+    config = reshard_config(train_config, tmp_path / "unused", parallelism="ddp")
+    model = LunarisCodex(config.model)                       # this config's parameter numbering, to read the file's
+    named = optimizer_state_by_name(model, build_optimizer(model, config, "cpu"), mine["optimizer"])
+    assert_same_tensors(named["state"], saved["optimizer"]["state"])
+    assert_close_losses(losses_after_resume(helpers, out), losses_after_resume(helpers, reference))
+    helpers.assert_weights_close(helpers.final_weights(out), helpers.final_weights(reference), atol=TOLERANCE)
 
 
 @pytest.mark.slow
