@@ -338,13 +338,6 @@ class OptimizerKeys(_Section):
             return (f"{r.ref('scalar_lr')} is the learning rate of the residual scalars, and "
                     f"model.residual_scalars is false; set model.residual_scalars: true, or remove scalar_lr.")
 
-    @rule("optimizer", "parallelism")
-    def _muon_needs_whole_matrices(self, r):
-        if self.optimizer == "muon" and self.parallelism == "fsdp":
-            return ("optimizer: muon orthogonalizes whole matrices, which FSDP shards across processes; use "
-                    "parallelism: ddp with muon, or adamw with fsdp.")
-
-
 @dataclass
 class ScheduleKeys(_Section):
     """Schedule: steps and learning rate over time"""

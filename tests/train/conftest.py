@@ -75,10 +75,11 @@ def subprocess_env(**extra) -> dict:
     return env
 
 
-def torchrun(args: list, timeout: float = 240) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node=2 ARGS` on CPU (gloo), from the repository root; a launch still
-    running after `timeout` is killed with its workers and fails with its output."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+def torchrun(args: list, timeout: float = 240, processes_per_node: int = 2) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=2 ARGS` (or `processes_per_node`) on CPU (gloo), from the repository
+    root; a launch still running after `timeout` is killed with its workers and fails with its output."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={processes_per_node}", *args]
     return processes.run(command, timeout, cwd=REPO, env=subprocess_env())
 
 

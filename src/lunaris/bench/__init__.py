@@ -12,6 +12,7 @@ What is measured, each figure after warm-up, repeated, median reported (every ra
 - data.py      `lunaris prepare` against the tokenizer library alone, and the loader's tokens/s.
 - generate.py  decode tokens/s against the memory-bandwidth limit and transformers' generate on the same weights.
 - moc.py       one MoC layer against a dense SwiGLU with the same active weights, and its dispatch share.
+- muon.py      Muon's optimizer step on one process against its FSDP and DDP splits over several (gloo on CPU).
 - report.py    the machine, the targets, markdown tables from the measurements' dicts; run.py runs them all.
 
 Every measurement returns a dict; the bench/ scripts of a source checkout are command lines over the same
@@ -45,6 +46,7 @@ _LAZY = {  # public name: the module of this package that defines it (imported w
     **dict.fromkeys(("DataBenchOptions", "bench_data"), "data"),
     **dict.fromkeys(("GenerateBenchOptions", "bench_generate"), "generate"),
     **dict.fromkeys(("MocLayerBenchOptions", "bench_moc_layer"), "moc"),
+    **dict.fromkeys(("MuonBenchOptions", "bench_muon", "muon_markdown"), "muon"),
     **dict.fromkeys(("TARGETS", "check_targets", "git_state", "machine_info", "markdown_report", "versus"), "report"),
     **dict.fromkeys(("check_json_path", "main_bench", "run_bench", "run_section"), "run"),
 }

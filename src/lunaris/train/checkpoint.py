@@ -40,13 +40,15 @@ from lunaris.errors import CheckpointError
 from lunaris.fileio import atomic_link, atomic_open, atomic_symlink, disk_problem, replace_dir
 from lunaris.model import model_from_checkpoint
 from lunaris.train.distributed import DistInfo, raise_together
+from lunaris.train.optim import LAYOUT_KEYS
 
 # Names that moved to lunaris.checkpoints (reading) and lunaris.model (model_from_checkpoint), importable from here
 # as before; `_torch_load` is what the trainer's checkpointer reads an FSDP run's trainer_state.pt with.
 __all__ = ["LATEST_DIR", "LATEST_FILE", "TRAINER_STATE", "_torch_load", "atomic_save", "capture_rng",
            "checkpoint_step", "clean_state_dict", "find_latest", "load_checkpoint_file", "model_from_checkpoint",
            "numbered_checkpoints", "prune_checkpoints", "read_trainer_state", "remove_stale_temporaries",
-           "resolve_checkpoint_path", "restore_rng", "resume_note", "save_checkpoint", "save_distributed_checkpoint"]
+           "resolve_checkpoint_path", "restore_rng", "resume_note", "save_checkpoint", "save_distributed_checkpoint",
+           "load_distributed_checkpoint", "optimizer_list", "optimizer_state_by_name", "with_layout_of"]
 
 # Test hook: `LUNARIS_TEST_PAUSE_IN_SAVE=<step>:<seconds>` sleeps after the temporary file of that
 # step's checkpoint is written and before it is renamed, so a test can kill the process mid-save.
@@ -175,7 +177,7 @@ def save_distributed_checkpoint(model, optimizer, trainer_state: dict, out_dir, 
     if info.is_main and temp.exists():
         shutil.rmtree(temp)
     dist.barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer_list(optimizer))
     failure = None
     try:
         dcp_save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(temp),
@@ -241,3 +243,52 @@ def resume_note(out_dir) -> tuple:
     name = next((path.name for at, path in numbered_checkpoints(out_dir) if at == step), latest.name)
     return (f"The newest complete checkpoint, {name} (step {step}), is intact.",
             f"run the same command again: it resumes from step {step}")
+
+
+# ---- reading an FSDP directory into a sharded run; optimizer state between the two layouts -------------------
+
+def optimizer_list(optimizer) -> list:
+    """The torch optimizers behind the trainer's optimizer (a CombinedOptimizer's, in order, or itself): what
+    torch.distributed.checkpoint's state-dict functions take."""
+    return list(optimizer.optimizers.values()) if hasattr(optimizer, "optimizers") else [optimizer]
+
+
+def load_distributed_checkpoint(model, optimizer, path) -> None:
+    """Read an FSDP directory's model and optimizer shards into the sharded `model` and `optimizer`, resharded to
+    this run's number of processes. Must be called on every rank (it contains collectives)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    optimizers = optimizer_list(optimizer)
+    model_state, optim_state = get_state_dict(model, optimizers)
+    tensors = {"model": model_state, "optimizer": optim_state}
+    dcp.load(tensors, checkpoint_id=str(path))
+    set_state_dict(model, optimizers, model_state_dict=tensors["model"], optim_state_dict=tensors["optimizer"])
+
+
+def optimizer_state_by_name(model, optimizer, saved: dict) -> dict:
+    """A whole-model file's optimizer state (torch's numbering: parameters counted 0, 1, ... through the groups of
+    each optimizer; a CombinedOptimizer's under each optimizer's name) keyed by parameter name instead, the groups
+    of every optimizer in one list: the layout of an FSDP directory's optimizer state. The numbers are this run's
+    parameters in this run's group order (the same config builds the same groups)."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    parts = [saved[name] for name in optimizer.optimizers] if hasattr(optimizer, "optimizers") else [saved]
+    state, groups = {}, []
+    for part, own in zip(parts, optimizer_list(optimizer)):
+        number = {}
+        for saved_group, own_group in zip(part["param_groups"], own.param_groups):
+            number.update(zip(saved_group["params"], (names[id(p)] for p in own_group["params"])))
+            groups.append({**saved_group, "params": [number[i] for i in saved_group["params"]]})
+        state.update({number[i]: values for i, values in part["state"].items()})
+    return {"state": state, "param_groups": groups}
+
+
+def with_layout_of(optimizers: list, saved: dict) -> dict:
+    """`saved` (name-keyed optimizer state) with each group's layout keys taken from this run's optimizers: a
+    checkpoint of fused AdamW on whole tensors resumes FSDP's unfused AdamW on shards, and the other way round."""
+    layout = [k for k in LAYOUT_KEYS if k != "params"]
+    own = [group for optimizer in optimizers for group in optimizer.param_groups]
+    groups = [{**group, **{k: mine[k] for k in layout if k in mine}} for group, mine in
+              zip(saved["param_groups"], own)]
+    return {**saved, "param_groups": groups + saved["param_groups"][len(groups):]}
+

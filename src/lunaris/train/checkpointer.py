@@ -3,6 +3,12 @@ DDP and FSDP runs behind one interface.
 
 The file formats and atomic writes are in checkpoint.py; this module decides what goes into them and who writes:
 rank 0 alone writes a whole-model file (single process, DDP), every rank writes its shards (FSDP).
+
+Any checkpoint resumes under any parallelism and number of processes: an FSDP run reads a torch.distributed
+checkpoint directory resharded to its own world size (DCP does that), or a whole-model file, sharding it; a single
+process or DDP reads a directory whole in every process (DCP's no-process-group load) or a file. The run then
+writes what its own parallelism writes. A run resumed on another number of processes keeps the checkpoint's
+global batch (`keep_global_batch`).
 """
 
 import os
@@ -45,6 +51,52 @@ def describe_error(exc: BaseException) -> str:
     return f"{names}: {text}"
 
 
+def keep_global_batch(config, state: dict, info: DistInfo, path: Path) -> None:
+    """A run resumed on another number of processes than the checkpoint's keeps its global batch (batch_size x
+    processes x gradient_accumulation_steps): a config whose global batch differs gets gradient_accumulation_steps
+    = global / (batch_size x processes) (a note says so), or, when that does not divide, a CheckpointError naming
+    the settings that do. Each step then trains on the samples the saving run's step would have (the loader's
+    position is counted in samples). Resumed on the same number of processes, the config's batch stands."""
+    saved, saved_world = state.get("config") or {}, int(state.get("world_size", info.world_size))
+    if saved_world == info.world_size or "batch_size" not in saved:
+        return
+    target = int(saved["batch_size"]) * saved_world * int(saved.get("gradient_accumulation_steps", 1))
+    per_micro_batch = config.batch_size * info.world_size
+    if per_micro_batch * config.gradient_accumulation_steps != target:
+        if target % per_micro_batch:
+            raise global_batch_error(path, saved_world, target, config.batch_size, info.world_size)
+        steps = target // per_micro_batch
+        if info.is_main:
+            print(f"note: resuming {saved_world}-process checkpoint {path.name} on {info.world_size} process(es): "
+                  f"gradient_accumulation_steps {config.gradient_accumulation_steps} -> {steps}, keeping its global "
+                  f"batch of {target} sequences ({config.batch_size} x {info.world_size} x {steps}).",
+                  file=sys.stderr)
+        config.gradient_accumulation_steps = steps
+    # the loader's position in this run's micro-batches (when they divide the samples consumed: always, unless the
+    # saving run stopped in a step that crossed an epoch's end; then the loader rounds down and says so)
+    data = state.get("data_state") or {}
+    consumed = int(data.get("batch_in_epoch", 0)) * int(data.get("batch_size", 0)) * int(data.get("world_size", 0))
+    if data and consumed % per_micro_batch == 0:
+        state["data_state"] = {**data, "batch_in_epoch": consumed // per_micro_batch,
+                               "batch_size": config.batch_size, "world_size": info.world_size}
+
+
+def global_batch_error(path: Path, saved_world: int, target: int, batch_size: int, world: int) -> CheckpointError:
+    """Why a global batch of `target` sequences cannot be kept with `batch_size` on `world` processes, and which
+    batch sizes and process counts would keep it."""
+    batch_sizes = [b for b in range(1, target + 1) if target % (b * world) == 0]
+    processes = [w for w in range(1, target + 1) if target % (batch_size * w) == 0]
+    ways = [f"batch_size {' or '.join(map(str, batch_sizes))} on {world} process(es)"] if batch_sizes else []
+    if processes:
+        ways.append(f"batch_size {batch_size} on {' or '.join(map(str, processes))} process(es)")
+    ways.append(f"the {saved_world} process(es) it was trained on")
+    return CheckpointError(
+        f"Checkpoint {path} was trained with a global batch of {target} sequences (batch_size x processes x "
+        f"gradient_accumulation_steps), which batch_size {batch_size} x {world} process(es) does not divide, so "
+        f"this run cannot continue it with the same batch. Resume it with {'; or '.join(ways)} "
+        f"(gradient_accumulation_steps is set to match); or start a new run with --no-resume.")
+
+
 class Checkpointer:
     """Resume and save for one run in `out_dir`. Every method with collectives is called on every rank."""
 
@@ -72,14 +124,10 @@ class Checkpointer:
         self.resume_path = path = self.choose(resume)
         if path is None:
             return None
-        is_dcp = path.is_dir()
-        if is_dcp != self.fsdp:
-            written = "an FSDP run (a torch.distributed.checkpoint directory)" if is_dcp else "a DDP/single-process run"
-            running = "parallelism: fsdp with several processes" if self.fsdp else "DDP or a single process"
-            raise CheckpointError(f"Checkpoint {path} was written by {written}, but this run uses {running}. "
-                                  f"Resume it with the same parallelism (and torchrun) it was trained with, or "
-                                  f"start a new out_dir with --no-resume.")
-        state = ckpt._torch_load(path / ckpt.TRAINER_STATE) if is_dcp else ckpt.load_checkpoint_file(path)
+        if path.is_dir() and self.fsdp:  # the sharded tensors are read into the sharded model (restore_optimizer)
+            state = ckpt._torch_load(path / ckpt.TRAINER_STATE)
+        else:  # whole model and optimizer state in this process (a DCP directory assembled without a process group)
+            state = ckpt.load_checkpoint_file(path)
         saved_model = (state.get("config") or {}).get("model") or {}
         current = self.config.model.__dict__
         differences = [f"model.{key}: checkpoint {saved_model.get(key)!r}, config {current[key]!r}"
@@ -88,6 +136,7 @@ class Checkpointer:
             raise CheckpointError(f"Checkpoint {path} was trained with a different model than the config describes "
                                   f"({'; '.join(differences)}). Use the checkpoint's settings, or start a new run "
                                   f"with --no-resume or another out_dir.")
+        keep_global_batch(self.config, state, self.info, path)
         return state
 
     def agree_on_step(self, state: Optional[dict]) -> None:
@@ -99,20 +148,29 @@ class Checkpointer:
                                   f"contents; or pass the same --resume PATH to every node.")
 
     def restore_model(self, model, state: dict) -> None:
-        """Whole-model weights, before FSDP sharding (FSDP's come with the optimizer in restore_optimizer)."""
-        if not self.fsdp:
+        """Whole-model weights (a file, or a directory read whole), before any FSDP sharding; a directory's shards
+        come with the optimizer in restore_optimizer."""
+        if "model" in state:
             self._load_into(model.load_state_dict, ckpt.clean_state_dict(state["model"]), "model weights")
 
     def restore_optimizer(self, model, optimizer, state: dict) -> None:
-        if not self.fsdp:
+        """The optimizer state (the model's too, for an FSDP run reading a directory), in whichever of the four
+        (file or directory) x (sharded or whole) combinations this run and the checkpoint make."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        optimizers = ckpt.optimizer_list(optimizer)
+        if self.resume_path.is_dir() and self.fsdp:
+            self._load_into(lambda _: ckpt.load_distributed_checkpoint(model, optimizer, self.resume_path), None,
+                            "model weights and optimizer state")
+        elif self.resume_path.is_dir():   # name-keyed, whole: what DCP's state-dict functions take
+            saved = ckpt.with_layout_of(optimizers, state["optimizer"])
+            self._load_into(lambda s: set_optimizer_state_dict(model, optimizers, s), saved, "optimizer state")
+        elif self.fsdp:                   # a whole-model file into a sharded model: keyed by name, then sharded
+            saved = ckpt.with_layout_of(optimizers, ckpt.optimizer_state_by_name(model, optimizer, state["optimizer"]))
+            options = StateDictOptions(full_state_dict=True)
+            self._load_into(lambda s: set_optimizer_state_dict(model, optimizers, s, options=options), saved,
+                            "optimizer state")
+        else:
             self._load_into(optimizer.load_state_dict, state["optimizer"], "optimizer state")
-            return
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-        model_state, optim_state = get_state_dict(model, optimizer)
-        tensors = {"model": model_state, "optimizer": optim_state}
-        dcp.load(tensors, checkpoint_id=str(self.resume_path))
-        set_state_dict(model, optimizer, model_state_dict=tensors["model"], optim_state_dict=tensors["optimizer"])
 
     def _load_into(self, load, saved, what: str) -> None:
         try:

@@ -136,6 +136,29 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_to_all_flat(send: list, recv_sizes: list, group=None) -> list:
+    """Send `send[d]` (a 1-D tensor) to rank d; returns what each rank s sent to this one (`recv_sizes[s]` elements
+    from rank s), as a list indexed by source. One all_to_all_single, whatever the number of tensors: callers pack
+    many small pieces into each `send[d]`. Every rank must agree on the sizes (rank d's recv_sizes[s] is
+    send[d].numel() on rank s)."""
+    flat = torch.cat(send)
+    received = flat.new_empty(sum(recv_sizes))
+    dist.all_to_all_single(received, flat, output_split_sizes=list(recv_sizes),
+                           input_split_sizes=[t.numel() for t in send], group=group)
+    return list(received.split(list(recv_sizes)))
+
+
+def all_gather_flat(tensor: torch.Tensor, sizes: list, group=None) -> list:
+    """Every rank's 1-D `tensor` (rank s's holds `sizes[s]` elements), as a list indexed by rank: padded to the
+    largest for one all_gather into a (world, max) buffer."""
+    longest = max(sizes)
+    padded = torch.cat([tensor, tensor.new_zeros(longest - tensor.numel())])
+    gathered = tensor.new_empty(len(sizes) * longest)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+    gather(gathered, padded, group=group)
+    return [row[:size] for row, size in zip(gathered.view(len(sizes), longest), sizes)]
+
+
 def gather_objects(obj) -> list:
     """[obj of rank 0, obj of rank 1, ...] on every rank."""
     if not dist.is_initialized():

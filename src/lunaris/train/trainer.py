@@ -98,10 +98,11 @@ class Trainer:
             self.dtype = resolve_dtype(cfg.dtype, info.device)
             enable_tf32(info.device)
             self.seq_len = cfg.model.max_seq_len
-            self.tokens_per_step = cfg.batch_size * self.seq_len * cfg.gradient_accumulation_steps * info.world_size
             self.peak_flops = peak_flops_per_device(info.device, cfg.peak_flops)
             self.checkpointer = Checkpointer(cfg, info, self.fsdp)
             self.train_dir, self.val_dir, self.tasks, saved = self._preflight(resume)
+            # after the checkpoint is read: resumed on another number of processes, the accumulation may change
+            self.tokens_per_step = cfg.batch_size * self.seq_len * cfg.gradient_accumulation_steps * info.world_size
             self.resumed_from = self.checkpointer.resume_path if saved is not None else None
             torch.manual_seed(cfg.seed)  # identical initialization on every rank (FSDP shards assume it)
             model = LunarisCodex(cfg.model)
