@@ -140,6 +140,40 @@ class RecipeKeys(_Section):
     document_separator_id: Optional[int] = key(
         None, "End-of-text id that ends a document (attention_mask: document); null means the training data's "
               "end-of-text id (read from its manifest and saved with the checkpoint).", ge=0)
+    attention_window: Optional[int] = key(
+        None, "Sliding-window attention: a token sees only the last N positions, its own included (with "
+              "attention_mask: document, of its own document); null means every earlier position.", gt=0)
+    attention_window_pattern: Optional[str] = key(
+        None, "Which layers use attention_window: S (the window) or L (full context) per layer, the string "
+              "repeated over the layers from the first (e.g. SSSL); null means every layer.")
+    attention_backend: Literal["auto", "flex", "varlen", "mask"] = key(
+        "auto", "How document and window masks are computed: flex (a FlexAttention block mask, compiled), varlen "
+                "(one SDPA call per document or window chunk), mask (SDPA with a dense mask, T x T per row); auto "
+                "picks flex on CUDA, varlen on CPU, mask elsewhere (README, Attention).")
+
+    @property
+    def windowed(self) -> bool:
+        """Whether some layer has a sliding window."""
+        return any(self.layer_window(layer) is not None for layer in range(self.n_layers))
+
+    def layer_window(self, layer: int) -> Optional[int]:
+        """The sliding window of layer `layer` (attention_window where attention_window_pattern says S), or None."""
+        pattern = self.attention_window_pattern
+        if pattern and pattern[layer % len(pattern)].upper() == "L":
+            return None
+        return self.attention_window
+
+    @rule("attention_window_pattern", "attention_window")
+    def _window_pattern(self, r):
+        pattern = self.attention_window_pattern
+        if pattern is None:
+            return None
+        if not pattern or set(pattern.upper()) - {"S", "L"}:
+            return (f"model.attention_window_pattern must be a string of S (sliding window) and L (full context), "
+                    f"one letter per layer, repeated over the layers, e.g. SSSL; {r.got('attention_window_pattern')}.")
+        if self.attention_window is None:
+            return (f"{r.ref('attention_window_pattern')} chooses the layers of attention_window, which is null; set "
+                    f"model.attention_window (the window in tokens), or remove the pattern.")
 
     @rule("document_separator_id", "vocab_size")
     def _separator_is_a_token(self, r):
