@@ -190,6 +190,8 @@ def flex(q, k, v, block_mask):
                           f"run without gradients (torch.no_grad) for evaluation.")
     if torch.compiler.is_compiling():
         function = flex_attention
+        if q.device.type == "cpu":  # inductor's CPU kernel misreads q, k, v computed in the same graph with
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # transposed strides (wrong output, torch 2.13)
     else:
         if not _COMPILED_FLEX:
             _COMPILED_FLEX.append(torch.compile(flex_attention, dynamic=False))
