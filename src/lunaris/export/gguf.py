@@ -71,6 +71,7 @@ def gguf_architecture(config) -> str:
         (config.n_reasoning_steps > 1, f"n_reasoning_steps: {config.n_reasoning_steps} (IRL steps)"),
         (config.logit_softcap is not None, f"logit_softcap: {config.logit_softcap}"),
         (config.attention_mask != "causal", f"attention_mask: {config.attention_mask}"),
+        (config.windowed, f"attention_window: {config.attention_window} (sliding-window attention)"),
         (config.qk_norm and config.norm_bias, "qk_norm with norm_bias: true (Qwen3 has no MLP bias to fold the "
                                               "norm biases into)"),
     ) if present]

@@ -10,8 +10,9 @@ An IRL scale alpha != 1 (possible with one step when irl_alpha is set) folds int
 
 With qk_norm the same model is Hugging Face `Qwen3ForCausalLM` (q_norm/k_norm per head over head_dim, before
 rotary), as long as no bias has to be folded: Qwen3 has `attention_bias` but no `mlp_bias`, so a model with
-norm_bias exports with its own code. zero_init_out changes only the initialization. logit_softcap and
-attention_mask: document have no equivalent in either class: such models export with their own code.
+norm_bias exports with its own code. zero_init_out changes only the initialization. logit_softcap,
+attention_mask: document and sliding windows (attention_window) have no equivalent in either class: such models
+export with their own code.
 """
 
 from importlib import metadata
@@ -22,9 +23,9 @@ from lunaris.config import LunarisCodexConfig
 
 
 def _plain_dense(config: LunarisCodexConfig) -> bool:
-    """Dense, one IRL step, raw logits, causal attention: a Llama-family decoder."""
+    """Dense, one IRL step, raw logits, causal attention over the whole context: a Llama-family decoder."""
     return (not config.is_moc and config.n_reasoning_steps == 1 and config.logit_softcap is None
-            and config.attention_mask == "causal")
+            and config.attention_mask == "causal" and not config.windowed)
 
 
 def llama_compatible(config: LunarisCodexConfig) -> bool:
