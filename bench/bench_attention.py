@@ -1,7 +1,7 @@
 """Benchmark document masking (and sliding windows): causal attention against each backend that masks documents.
 
     python bench/bench_attention.py                         # T = 1024 2048 4096, CPU, step time and peak memory
-    python bench/bench_attention.py --quick                 # a smoke test in seconds
+    python bench/bench_attention.py --quick                 # a smoke test in seconds (options still apply)
     python bench/bench_attention.py --inference             # the forward pass alone (FlexAttention runs on CPU)
     python bench/bench_attention.py --window 256 --device cuda --json attention.json
 
@@ -40,14 +40,14 @@ def parse_args(argv=None):
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory processes")
     p.add_argument("--quick", action="store_true", help="small shapes, two rounds, no memory: a smoke test")
     p.add_argument("--json", metavar="FILE", help="also write every figure to FILE")
+    if "--quick" in (sys.argv[1:] if argv is None else argv):
+        p.set_defaults(**QUICK)  # the quick settings, under any option given explicitly
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     values = {k: v for k, v in vars(args).items() if k not in ("quick", "json")}
-    if args.quick:
-        values.update(QUICK)
     result = bench_attention(AttentionBenchOptions(**values), log=lambda line: print(line, file=sys.stderr))
     print(attention_markdown(result))
     if args.json:
