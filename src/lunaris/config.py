@@ -145,7 +145,8 @@ class RecipeKeys(_Section):
               "attention_mask: document, of its own document); null means every earlier position.", gt=0)
     attention_window_pattern: Optional[str] = key(
         None, "Which layers use attention_window: S (the window) or L (full context) per layer, the string "
-              "repeated over the layers from the first (e.g. SSSL); null means every layer.")
+              "repeated over the layers from the first (e.g. SSSL), the last layer always L; null means every "
+              "layer.")
     attention_backend: Literal["auto", "flex", "varlen", "mask"] = key(
         "auto", "How document and window masks are computed: flex (a FlexAttention block mask, compiled), varlen "
                 "(one SDPA call per document or window chunk), mask (SDPA with a dense mask, T x T per row); auto "
@@ -157,9 +158,11 @@ class RecipeKeys(_Section):
         return any(self.layer_window(layer) is not None for layer in range(self.n_layers))
 
     def layer_window(self, layer: int) -> Optional[int]:
-        """The sliding window of layer `layer` (attention_window where attention_window_pattern says S), or None."""
+        """The sliding window of layer `layer` (attention_window where attention_window_pattern says S), or None.
+        With a pattern the last layer sees the whole context (as nanochat's pattern does), so the output always
+        draws on every earlier position."""
         pattern = self.attention_window_pattern
-        if pattern and pattern[layer % len(pattern)].upper() == "L":
+        if pattern and (layer == self.n_layers - 1 or pattern[layer % len(pattern)].upper() == "L"):
             return None
         return self.attention_window
 

@@ -259,6 +259,9 @@ def test_window_config_layers_and_flops():
     assert plain.flops_per_token(64) - model.flops_per_token(64) == 12 * c.n_heads * c.head_dim * 4 * (64 - 16)
     assert model.flops_per_token(8) == plain.flops_per_token(8)            # a window longer than the sequence
     assert [b.attn.window for b in model.blocks] == [16, 16, None, 16, 16, None]
+    # with a pattern the last layer always sees the whole context; without one every layer has the window
+    assert [tiny_model_config(n_layers=4, attention_window=8, attention_window_pattern=p).layer_window(i)
+            for p in ("SSL", "S", None) for i in range(4)] == [8, 8, None, None] + [8, 8, 8, None] + [8] * 4
 
 
 @pytest.mark.parametrize("keys, message", [
