@@ -150,7 +150,8 @@ class RecipeKeys(_Section):
     attention_backend: Literal["auto", "flex", "varlen", "mask"] = key(
         "auto", "How document and window masks are computed: flex (a FlexAttention block mask, compiled), varlen "
                 "(one SDPA call per document or window chunk), mask (SDPA with a dense mask, T x T per row); auto "
-                "picks flex on CUDA, varlen on CPU, mask elsewhere (README, Attention).")
+                "picks flex on CUDA, varlen on the CPU, mask under torch.compile on the CPU and elsewhere (README, "
+                "Recipe).")
 
     @property
     def windowed(self) -> bool:
