@@ -365,3 +365,23 @@ def test_document_mask_exports_with_its_own_code_and_masks_documents_without_a_c
             hf(row, use_cache=True)
     prompt = torch.randint(1, 320, (1, 6))                                  # generation: one document
     assert torch.equal(hf_greedy(hf, prompt, 8), model.generate(prompt, 8, temperature=0))
+
+
+@pytest.mark.parametrize("overrides", [dict(attention_window=4), dict(attention_window=3, attention_window_pattern="SL",
+                                                                      qk_norm=True, norm_bias=False)],
+                         ids=["window-every-layer", "window-pattern-qk-norm"])
+def test_sliding_window_exports_with_its_own_code_and_the_same_logits_and_generation(tmp_path, overrides):
+    model = context_dependent_model(**overrides)
+    run = save_run(tmp_path / "run", model)
+    summary = export_checkpoint(run, tmp_path / "hf")
+    assert summary["format"] == "lunaris"                                   # neither Llama nor Qwen3 has it
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["lunaris"]["attention_window"] == overrides["attention_window"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
+    idx = torch.randint(0, 320, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx).logits, rtol=0, atol=1e-5)
+    # cached decoding through Hugging Face's generate, well past the window, agrees with ours (decode == forward)
+    assert torch.equal(hf_greedy(hf, idx[:, :5], 12), model.generate(idx[:, :5], 12, temperature=0))
+    with pytest.raises(LunarisError, match="no attention_window"):
+        export_checkpoint(run, tmp_path / "hf2", fmt="llama")

@@ -153,6 +153,44 @@ class RecipeKeys(_Section):
     residual_scalars: bool = key(
         False, "Two learnable scalars per layer: before block i, x = r_i*x + s_i*x0, x0 the token embedding "
                "(modded-nanogpt, nanochat); r_i starts at 1 and s_i at 0, so the model starts as without them.")
+    attention_window: Optional[int] = key(
+        None, "Sliding-window attention: a token sees only the last N positions, its own included (with "
+              "attention_mask: document, of its own document); null means every earlier position.", gt=0)
+    attention_window_pattern: Optional[str] = key(
+        None, "Which layers use attention_window: S (the window) or L (full context) per layer, the string "
+              "repeated over the layers from the first (e.g. SSSL), the last layer always L; null means every "
+              "layer.")
+    attention_backend: Literal["auto", "flex", "varlen", "mask"] = key(
+        "auto", "How document and window masks are computed: flex (a FlexAttention block mask, compiled), varlen "
+                "(one SDPA call per document or window chunk), mask (SDPA with a dense mask, T x T per row); auto "
+                "picks flex on CUDA, varlen on the CPU, mask under torch.compile on the CPU and elsewhere (README, "
+                "Recipe).")
+
+    @property
+    def windowed(self) -> bool:
+        """Whether some layer has a sliding window."""
+        return any(self.layer_window(layer) is not None for layer in range(self.n_layers))
+
+    def layer_window(self, layer: int) -> Optional[int]:
+        """The sliding window of layer `layer` (attention_window where attention_window_pattern says S), or None.
+        With a pattern the last layer sees the whole context (as nanochat's pattern does), so the output always
+        draws on every earlier position."""
+        pattern = self.attention_window_pattern
+        if pattern and (layer == self.n_layers - 1 or pattern[layer % len(pattern)].upper() == "L"):
+            return None
+        return self.attention_window
+
+    @rule("attention_window_pattern", "attention_window")
+    def _window_pattern(self, r):
+        pattern = self.attention_window_pattern
+        if pattern is None:
+            return None
+        if not pattern or set(pattern.upper()) - {"S", "L"}:
+            return (f"model.attention_window_pattern must be a string of S (sliding window) and L (full context), "
+                    f"one letter per layer, repeated over the layers, e.g. SSSL; {r.got('attention_window_pattern')}.")
+        if self.attention_window is None:
+            return (f"{r.ref('attention_window_pattern')} chooses the layers of attention_window, which is null; set "
+                    f"model.attention_window (the window in tokens), or remove the pattern.")
 
     @rule("document_separator_id", "vocab_size")
     def _separator_is_a_token(self, r):

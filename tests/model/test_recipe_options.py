@@ -10,6 +10,7 @@ from conftest import tiny_model_config
 
 from lunaris import ConfigError, LunarisCodex, TrainConfig, load_config
 from lunaris.model.layers import RotaryEmbedding, apply_rotary
+from lunaris.model.masking import FLEX_ATTENTION
 from lunaris.model.model import document_mask
 
 SEP = 0  # the end-of-text id of these tests
@@ -204,8 +205,10 @@ def packed_documents(vocab: int, lengths=(6, 11, 7)):
     dict(n_kv_heads=1, qk_norm=True, logit_softcap=5.0, n_reasoning_steps=2),
     dict(n_experts=4, top_k=2, collab_mode="mha"),
 ], ids=["dense-gqa", "dense-every-option", "moc-eval-dropless"])
-def test_a_packed_row_gives_each_document_the_logits_it_gets_alone(overrides):
-    model = random_model(attention_mask="document", document_separator_id=SEP, **overrides)
+@pytest.mark.parametrize("backend", ["mask", "varlen", pytest.param("flex", marks=pytest.mark.skipif(
+    not FLEX_ATTENTION, reason=f"torch {torch.__version__} has no usable FlexAttention"))])
+def test_a_packed_row_gives_each_document_the_logits_it_gets_alone(overrides, backend):
+    model = random_model(attention_mask="document", document_separator_id=SEP, attention_backend=backend, **overrides)
     assert model.config.eval_capacity_factor is None  # MoC evaluation is dropless: no token depends on another
     docs = packed_documents(128)
     rows = torch.stack([torch.cat(docs), torch.cat([docs[1], docs[0], docs[2]])])    # (2, 24)
@@ -224,7 +227,8 @@ def test_a_packed_row_gives_each_document_the_logits_it_gets_alone(overrides):
     assert not torch.allclose(causal[0, 6:], packed[0, 6:], atol=1e-3)
 
 
-def test_document_mask_with_gradient_checkpointing_computes_the_same_loss_and_gradients():
+@pytest.mark.parametrize("backend", ["mask", "varlen"])
+def test_document_mask_with_gradient_checkpointing_computes_the_same_loss_and_gradients(backend):
     docs = packed_documents(128)
     row = torch.cat(docs)[None]
     targets = torch.cat([row[:, 1:], torch.full((1, 1), -1)], dim=1)
@@ -232,6 +236,7 @@ def test_document_mask_with_gradient_checkpointing_computes_the_same_loss_and_gr
     for checkpointing in (False, True):
         torch.manual_seed(0)
         model = LunarisCodex(tiny_model_config(attention_mask="document", document_separator_id=SEP,
+                                               attention_backend=backend,
                                                use_gradient_checkpointing=checkpointing)).train()
         loss = model(row, targets=targets).loss
         loss.backward()

@@ -4,10 +4,9 @@ Four formats:
 - `llama`: a dense model with one IRL step is exactly `LlamaForCausalLM` (see llama.py), so every tool
   that reads Llama reads it, no Lunaris code needed;
 - `qwen3`: the same with qk_norm (and no norm biases) is exactly `Qwen3ForCausalLM`;
-- `lunaris`: any model (MoC, IRL > 1, logit_softcap, attention_mask: document, mlp: relu2, value_embeddings,
-  residual_scalars) with its own modeling code in the
-  directory and `auto_map`, loaded with `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` (see
-  remote_code.py);
+- `lunaris`: any model (MoC, IRL > 1, logit_softcap, attention_mask: document, attention_window, mlp: relu2,
+  value_embeddings, residual_scalars) with its own modeling code in the directory and `auto_map`, loaded with
+  `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` (see remote_code.py);
 - `gguf`: one GGUF file for llama.cpp (Ollama, LM Studio) instead of a directory, for the models `llama` and `qwen3`
   take (see gguf.py); `gguf=TYPE` also writes it into a Hugging Face directory as model.gguf.
 
@@ -108,16 +107,18 @@ def choose_format(fmt: str, config) -> str:
                 "qwen3" if qwen3_compatible(config) and qwen3_available() else "lunaris")
     if fmt == "llama" and not llama_compatible(config):
         raise LunarisError("--format llama needs a dense model with n_reasoning_steps 1, no qk_norm, no "
-                           "logit_softcap, attention_mask: causal, mlp: swiglu and no value_embeddings or "
-                           "residual_scalars (Llama has no MoC layers, IRL steps, query/key norms, logit cap, "
-                           "document mask, relu² MLP, value embeddings or residual scalars); use --format "
-                           f"{'qwen3' if qwen3_compatible(config) else 'lunaris'} for this model.")
+                           "logit_softcap, attention_mask: causal, no attention_window, mlp: swiglu and no "
+                           "value_embeddings or residual_scalars (Llama has no MoC layers, IRL steps, query/key norms, "
+                           "logit cap, document mask, sliding window, relu² MLP, value embeddings or residual "
+                           f"scalars); use --format {'qwen3' if qwen3_compatible(config) else 'lunaris'} for this "
+                           "model.")
     if fmt == "qwen3" and not qwen3_compatible(config):
         raise LunarisError("--format qwen3 needs a dense model with n_reasoning_steps 1, qk_norm, norm_bias false, "
-                           "no logit_softcap, attention_mask: causal, mlp: swiglu and no value_embeddings or "
-                           "residual_scalars (Qwen3 has no MoC layers, IRL steps, MLP biases, logit cap, document "
-                           "mask, relu² MLP, value embeddings or residual scalars); use --format "
-                           f"{'llama' if llama_compatible(config) else 'lunaris'} for this model.")
+                           "no logit_softcap, attention_mask: causal, no attention_window, mlp: swiglu and no "
+                           "value_embeddings or residual_scalars (Qwen3 has no MoC layers, IRL steps, MLP biases, "
+                           "logit cap, document mask, per-layer sliding window, relu² MLP, value embeddings or "
+                           f"residual scalars); use --format {'llama' if llama_compatible(config) else 'lunaris'} "
+                           "for this model.")
     return fmt
 
 

@@ -74,6 +74,7 @@ def gguf_architecture(config) -> str:
         (config.mlp != "swiglu", f"mlp: {config.mlp} (an MLP without a gate)"),
         (bool(config.value_embeddings), f"value_embeddings: {config.value_embeddings}"),
         (config.residual_scalars, "residual_scalars: true"),
+        (config.windowed, f"attention_window: {config.attention_window} (sliding-window attention)"),
         (config.qk_norm and config.norm_bias, "qk_norm with norm_bias: true (Qwen3 has no MLP bias to fold the "
                                               "norm biases into)"),
     ) if present]

@@ -12,8 +12,8 @@ With qk_norm the same model is Hugging Face `Qwen3ForCausalLM` (q_norm/k_norm pe
 rotary), as long as no bias has to be folded: Qwen3 has `attention_bias` but no `mlp_bias`, so a model with
 norm_bias exports with its own code. zero_init_out changes only the initialization, and an untied LM head
 (tie_embeddings: false) is Llama's and Qwen3's own `tie_word_embeddings: false`. logit_softcap, attention_mask:
-document, mlp: relu2 (both classes' MLPs are gated), value_embeddings and residual_scalars have no equivalent in
-either class: such models export with their own code.
+document, sliding windows (attention_window), mlp: relu2 (both classes' MLPs are gated), value_embeddings and
+residual_scalars have no equivalent in either class: such models export with their own code.
 """
 
 from importlib import metadata
@@ -24,11 +24,11 @@ from lunaris.config import LunarisCodexConfig
 
 
 def _plain_dense(config: LunarisCodexConfig) -> bool:
-    """Dense, one IRL step, raw logits, causal attention, a SwiGLU MLP, no value embeddings or residual scalars: a
-    Llama-family decoder."""
+    """Dense, one IRL step, raw logits, causal attention over the whole context, a SwiGLU MLP, no value embeddings
+    or residual scalars: a Llama-family decoder."""
     return (not config.is_moc and config.n_reasoning_steps == 1 and config.logit_softcap is None
-            and config.attention_mask == "causal" and config.mlp == "swiglu" and not config.value_embeddings
-            and not config.residual_scalars)
+            and config.attention_mask == "causal" and not config.windowed and config.mlp == "swiglu"
+            and not config.value_embeddings and not config.residual_scalars)
 
 
 def llama_compatible(config: LunarisCodexConfig) -> bool:

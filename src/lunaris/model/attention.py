@@ -1,9 +1,11 @@
-"""Causal grouped-query attention with a fused QKV projection, rotary embeddings and a KV cache.
+"""Causal grouped-query attention with a fused QKV projection, rotary embeddings, a KV cache and an optional sliding
+window (a query sees the last `window` positions, its own included).
 
 Two ways through a layer: `forward` (training, evaluation, the prompt pass of generation: T tokens, keys so far
-from `cache.update`) and `decode` (one new token per row with static shapes: the key/value is written at a
-position given as a tensor and attention runs over the whole preallocated cache under a mask, so that
-torch.compile captures one graph for every step of a generation).
+from `cache.update`; without a cache, documents and windows as the model's AttentionPlan computes them, masking.py)
+and `decode` (one new token per row with static shapes: the key/value is written at a position given as a tensor
+and attention runs over the whole preallocated cache under a mask, so that torch.compile captures one graph for
+every step of a generation). A window in the cache is a mask: the cache keeps every position.
 """
 
 import torch
@@ -11,10 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lunaris.model.layers import RMSNorm, apply_rotary
-
-# torch >= 2.5: SDPA shares each KV head across its query group itself (enable_gqa), without
-# materializing the repeated keys/values (a copy forward, a reduction backward).
-SDPA_HAS_GQA = torch.__version__ >= (2, 5)
+from lunaris.model.masking import AttentionPlan, sdpa, window_band
 
 # Up to this many rows (batch size of a decode step), `decode_linear` computes a compiled CPU product as a
 # multiply-and-sum that reads each weight once; above it, a matrix product (F.linear) is the better kernel.
@@ -74,35 +73,41 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, window: int = None):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
         self.qkv = nn.Linear(config.d_model, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
         self.proj = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=False)
         self.proj.residual_out = ("weight",)  # a residual output projection: depth-scaled init
         self.dropout = config.dropout
+        self.window = window  # sliding window: a query sees the last `window` positions, its own included; None: all
         # qk_norm: RMSNorm per head over head_dim on queries and keys, before rotary (the Qwen3 layout)
         self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
 
-    def forward(self, x, cos, sin, cache: KVCache = None, start: int = 0, mask: torch.Tensor = None,
-                ve: torch.Tensor = None):
+    def forward(self, x, cos, sin, cache: KVCache = None, start: int = 0, mask=None, ve: torch.Tensor = None):
         """x (B, T, D); cos/sin (T, hd), or (B, 1, T, hd) for per-row positions (left-padded prompts).
 
-        `mask` (B, 1, T, S) bool, True where a query may see a key, replaces the causal mask (padded prompts).
+        `mask`: an AttentionPlan (no cache: documents and windows, masking.py), or (B, 1, T, S) bool, True where a
+        query may see a key, replacing the causal mask (padded prompts; the window still applies).
         `ve` (B, T, Hkv·hd): a gated value embedding added to the values (model.value_embeddings), or None.
         """
         B, T, _ = x.shape
         q, k, v = self._project(x, cos, sin, ve=ve)
-        if cache is not None:
-            k, v = cache.update(k, v, start)                                # (B, Hkv, start+T, hd)
-        if mask is None:
-            mask = self._decode_mask(T, k.shape[2], x.device)
-            causal = k.shape[2] == T and T > 1
+        dropout = self.dropout if self.training else 0.0
+        if isinstance(mask, AttentionPlan):
+            y = mask.attend(q, k, v, self.window, dropout)                  # (B, Hq, T, hd)
         else:
-            causal = False
-        y = self._attend(q, k, v, mask, causal)
-        return self.proj(y)
+            if cache is not None:
+                k, v = cache.update(k, v, start)                            # (B, Hkv, start+T, hd)
+            band = window_band(T, k.shape[2], self.window, x.device)       # (T, S) or None
+            causal = mask is None and band is None and T > 1
+            if mask is None:
+                mask = band
+            elif band is not None:
+                mask = mask & band
+            y = sdpa(q, k, v, mask, causal, dropout)
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def decode(self, x, cos, sin, cache: KVCache, slot: torch.Tensor, mask: torch.Tensor = None,
                length: int = None, ve: torch.Tensor = None):
@@ -111,12 +116,17 @@ class CausalSelfAttention(nn.Module):
         Its key/value goes to cache position `slot` ((1,) long tensor, one position for the whole batch: prompts
         are left-padded). Attention runs over the first `length` cache positions (eager, which knows the
         position on the host), or over the whole cache (length None, static shapes), `mask` ((B or 1, 1, 1, S)
-        bool) hiding the positions not to see: left padding, and with length None the unwritten ones.
+        bool) hiding the positions not to see: left padding, and with length None the unwritten ones; a window
+        hides the positions `window` or more before `slot` as well.
         """
+        B = x.shape[0]
         q, k, v = self._project(x, cos, sin, decode_linear, ve)
         k, v = cache.write(k, v, slot, length)                             # (B, Hkv, S, hd)
-        y = self._attend(q, k, v, mask, False)
-        return decode_linear(y, self.proj.weight)
+        if self.window is not None:
+            recent = (torch.arange(k.shape[2], device=x.device) > slot - self.window).view(1, 1, 1, -1)  # (1,1,1,S)
+            mask = recent if mask is None else mask & recent
+        y = sdpa(q, k, v, mask)                                            # (B, Hq, 1, hd)
+        return decode_linear(y.transpose(1, 2).reshape(B, 1, self.n_heads * self.head_dim), self.proj.weight)
 
     def _project(self, x, cos, sin, linear=None, ve=None):
         """q (B, Hq, T, hd), k and v (B, Hkv, T, hd), q and k normalized (qk_norm) and rotated, `ve` added to v;
@@ -134,30 +144,3 @@ class CausalSelfAttention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)                        # (B, Hq, T, hd), (B, Hkv, T, hd)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)   # (B, Hkv, T, hd)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
-
-    def _attend(self, q, k, v, mask, causal: bool):
-        """SDPA of q (B, Hq, T, hd) over k, v (B, Hkv, S, hd) -> (B, T, Hq * hd)."""
-        B, _, T, _ = q.shape
-        gqa = {}
-        if self.n_kv_heads != self.n_heads:  # each KV head serves n_heads/n_kv_heads query heads
-            if SDPA_HAS_GQA:
-                gqa = {"enable_gqa": True}
-            else:
-                repeat = self.n_heads // self.n_kv_heads
-                k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)  # (B, Hq, S, hd)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=causal, **gqa)
-        return y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-
-    @staticmethod
-    def _decode_mask(T: int, S: int, device):
-        """Mask for T new queries after S - T cached keys.
-
-        Without a cache (S == T) SDPA's `is_causal` is right. With a cache it is not: `is_causal` aligns
-        the mask to the top-left, so a single decode query would see only key 0. One query sees every
-        key (no mask); several queries see keys up to their own position.
-        """
-        if S == T or T == 1:
-            return None
-        offset = S - T
-        return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=offset)  # (T, S)

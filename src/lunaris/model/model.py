@@ -28,6 +28,7 @@ from lunaris.model.layers import (
     ValueGate,
     irl_iterate,
 )
+from lunaris.model.masking import attention_plan, document_mask  # noqa: F401 (document_mask: its older home)
 from lunaris.model.moc import ExpertBalance, MoCLayer
 from lunaris.model.param_groups import adamw
 
@@ -51,15 +52,14 @@ class Block(nn.Module):
     def __init__(self, config: LunarisCodexConfig, layer: int):
         super().__init__()
         self.attn_norm = RMSNorm(config.d_model, config.norm_eps, bias=config.norm_bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, config.layer_window(layer))
         # value_embeddings: how much of the layer's value embedding (`ve`, looked up by the model) each KV head takes
         self.value_gate = ValueGate(config.d_model, config.kv_heads) if layer in config.value_embedding_layers else None
         self.ffn_norm = RMSNorm(config.d_model, config.norm_eps, bias=config.norm_bias)
         self.ffn = make_ffn(config, layer)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin, cache: KVCache = None, start: int = 0, mask: torch.Tensor = None,
-                ve: torch.Tensor = None):
+    def forward(self, x, cos, sin, cache: KVCache = None, start: int = 0, mask=None, ve: torch.Tensor = None):
         h = self.attn_norm(x)                                                                # (B, T, D)
         ve = None if ve is None else self.value_gate(h, ve)                                  # (B, T, Hkv*hd)
         x = x + self.dropout(self.attn(h, cos, sin, cache, start, mask, ve))
@@ -104,24 +104,6 @@ def soft_cap(logits: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
     return (cap * torch.tanh(logits.float() / cap)).to(logits.dtype)
 
 
-def document_mask(idx: torch.Tensor, separator: int):
-    """Rotary positions (B, T) and attention mask (B, 1, T, T) bool of rows that pack several documents.
-
-    The separator (end-of-text id) ends a document: it belongs to the document before it, and the token after it
-    starts a new one, at position 0. A query sees the keys of its own document up to itself, so each document gets
-    the logits it would get alone.
-    """
-    B, T = idx.shape
-    ends = idx == separator                                                    # (B, T)
-    starts = torch.cat([ends.new_zeros(B, 1), ends[:, :-1]], dim=1)           # (B, T) a document starts here
-    document = starts.long().cumsum(dim=1)                                     # (B, T) document index in the row
-    index = torch.arange(T, device=idx.device)
-    first = torch.where(starts, index, 0).cummax(dim=1).values                 # (B, T) where its document starts
-    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
-    mask = (document[:, :, None] == document[:, None, :]) & causal             # (B, T, T)
-    return index - first, mask[:, None]
-
-
 class LunarisCodex(nn.Module):
     def __init__(self, config: LunarisCodexConfig):
         super().__init__()
@@ -161,15 +143,17 @@ class LunarisCodex(nn.Module):
         the next-token distribution, not a (T, vocab) LM-head product over the whole prompt.
         Left-padded prompts (generation) pass `positions` (B, T), each token's rotary position, and
         `attn_mask` (B, 1, T, T) bool, True where a query may see a key, instead of the causal mask.
-        With attention_mask: document and none of caches, positions and attn_mask given, each row is a pack of
-        documents (`document_mask`): a token sees only its own document, at rotary positions from 0.
+        Without caches, positions and attn_mask, attention follows the config (masking.py): with attention_mask:
+        document each row is a pack of documents, a token sees only its own document, at rotary positions from 0;
+        a layer with a sliding window sees only the last attention_window positions.
         """
         B, T = idx.shape
         if start + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
-        if (self.config.attention_mask == "document" and caches is None and start == 0 and positions is None
-                and attn_mask is None):
-            positions, attn_mask = document_mask(idx, self.config.document_separator_id)
+        if caches is None and start == 0 and positions is None and attn_mask is None:
+            plan = attention_plan(idx, self.config, dropout=self.training and self.config.dropout > 0)
+            if plan is not None:
+                positions, attn_mask = plan.positions, plan             # the plan replaces the causal mask
         if positions is None:
             cos, sin = self.rotary(start, T)                   # (T, hd) each, fp32
         else:
@@ -301,7 +285,8 @@ class LunarisCodex(nn.Module):
         return n - embeddings if exclude_embedding else n
 
     def flops_per_token(self, seq_len: int = None) -> float:
-        """Training FLOPs per token (forward + backward): 6·(active matmul weights) + 12·L·Hq·hd·T (attention).
+        """Training FLOPs per token (forward + backward): 6·(active matmul weights) + 12·Hq·hd·T per layer (attention),
+        T capped at the layer's sliding window.
 
         Counts what each token actually multiplies through: IRL steps repeat the FFN, MoC tokens go
         through top_k experts (the PaLM appendix-B formula, with active instead of total weights).
@@ -309,11 +294,13 @@ class LunarisCodex(nn.Module):
         c = self.config
         T = seq_len or c.max_seq_len
         matmul = c.d_model * c.vocab_size  # LM head
+        context = 0  # keys per query summed over layers
         for block in self.blocks:
             matmul += block.attn.qkv.weight.numel() + block.attn.proj.weight.numel()
             matmul += block.ffn.matmul_params_per_token()
             matmul += block.value_gate.proj.weight.numel() if block.value_gate is not None else 0
-        return 6.0 * matmul + 12.0 * c.n_layers * c.n_heads * c.head_dim * T
+            context += T if block.attn.window is None else min(T, block.attn.window)
+        return 6.0 * matmul + 12.0 * c.n_heads * c.head_dim * context
 
     # ---- optimizer ----
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95),
