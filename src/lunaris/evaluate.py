@@ -69,11 +69,13 @@ def held_out_dir(data, run_config: dict) -> Path:
 
 
 def bytes_per_token(data_dir) -> float:
-    """Average UTF-8 bytes per token of a prepared split (None for a flat directory without manifest)."""
+    """Average UTF-8 bytes per token of a prepared split (None for a flat directory without manifest); for
+    conversations, bytes of the assistant's text per trained token (what the masked loss is over)."""
     info = split_info(data_dir)
-    if not info or not info.get("bytes") or not info.get("tokens"):
+    tokens = info and ((info.get("loss_mask") or {}).get("trained_tokens") or info.get("tokens"))
+    if not info or not info.get("bytes") or not tokens:
         return None
-    return info["bytes"] / info["tokens"]
+    return info["bytes"] / tokens
 
 
 def checkpoint_metadata(path) -> dict:

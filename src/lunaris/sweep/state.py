@@ -26,7 +26,7 @@ NOT_COMPARED = {"out_dir", "log_interval", "eval_interval", "eval_batches", "eva
 COMPARED = {"data_dir", "val_data_dir", "optimizer", "learning_rate", "muon_lr", "muon_momentum", "lr_schedule",
             "decay_fraction", "min_lr", "weight_decay", "beta1", "beta2", "router_lr_scale", "warmup_steps",
             "max_steps", "batch_size", "gradient_accumulation_steps", "grad_clip", "compile_model", "device", "dtype",
-            "parallelism", "seed", "max_bad_steps", "peak_flops"}
+            "parallelism", "seed", "max_bad_steps", "peak_flops", "init_from"}
 SCHEDULE = {"max_steps", "warmup_steps"}  # unknown before a seconds budget is calibrated
 
 

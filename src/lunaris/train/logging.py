@@ -208,9 +208,13 @@ def write_run_files(trainer) -> None:
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
     from lunaris.data import tokenizer_path
+    from lunaris.data.chat_template import CONFIG_NAME
     tokenizer = tokenizer_path(cfg.data_dir)
     if tokenizer is not None and not (out_dir / "tokenizer.json").exists():
         atomic_write_text(out_dir / "tokenizer.json", Path(tokenizer).read_text(encoding="utf-8"))
+        template = Path(tokenizer).parent / CONFIG_NAME  # the chat template belongs to the tokenizer
+        if template.is_file():
+            atomic_write_text(out_dir / CONFIG_NAME, template.read_text(encoding="utf-8"))
 
 
 # Passes over the training data above which a run is warned: small corpora overfit (the validation loss rises while
@@ -226,6 +230,8 @@ def banner(trainer) -> list:
     mode = {"single": "single process"}.get(trainer.parallelism, trainer.parallelism)
     start = (f"resuming from {trainer.resumed_from} at step {trainer.step}" if trainer.resumed_from
              else "starting at step 0")
+    if getattr(trainer, "initialized_from", None):
+        start += f" from {trainer.initialized_from}"
     lines = [f"lunaris train: {trainer.num_params / 1e6:.2f}M parameters, {trainer.tokens_per_step:,} tokens/step "
              f"({cfg.batch_size} x {trainer.seq_len} x accum {cfg.gradient_accumulation_steps} x {info.world_size} "
              f"proc), {where}, {DTYPE_NAMES[trainer.dtype]}, {mode}; {start} of {cfg.max_steps}; writing to "
