@@ -67,7 +67,7 @@ def file_functions(path: Path) -> list:
             docstring = docstring.split("\n\n")[0]  # a long one's summary: its first paragraph
         kept = lines[node.lineno - 1:first.lineno - 1] + lines[first.end_lineno:node.end_lineno]
         code = textwrap.dedent("\n".join(kept)).strip("\n")
-        if len(docstring) <= MAX_DOCSTRING and len(code) <= MAX_CODE:
+        if docstring.strip() and len(docstring) <= MAX_DOCSTRING and len(code) <= MAX_CODE:
             found.append((docstring, code))
     return found
 

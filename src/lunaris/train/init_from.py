@@ -14,11 +14,14 @@ The training data must be tokenized with the checkpoint's tokenizer or an extens
 token it had): `check_tokenizer` compares the run directory's tokenizer.json with the data's.
 """
 
+import dataclasses
+
 import torch
 
 from lunaris.checkpoints import read_model_checkpoint, run_directory
 from lunaris.data.shards import TOKENIZER_NAME
 from lunaris.errors import CheckpointError, DataError
+from lunaris.model import LunarisCodex
 
 VOCABULARY_ROWS = ("wte.weight", "lm_head.weight")  # (vocab_size, d_model): the rows that grow with the vocabulary
 
@@ -88,3 +91,15 @@ def load_initial_weights(model, path, data_tokenizer=None) -> str:
     return (f"the weights of {resolved}" +
             (f" (vocabulary grown from {old_vocab:,} to {model.config.vocab_size:,}; new rows = the mean embedding)"
              if grown else ""))
+
+
+def grown_model(model, checkpoint, vocab_size: int, data_tokenizer=None):
+    """`model` (loaded from `checkpoint`) as a fine-tuning with init_from starts from it on data of `vocab_size`
+    ids: a copy with the vocabulary grown (new rows = the mean embedding), on the same device and precision, in eval
+    mode. `lunaris eval` scores a base model on conversations this way."""
+    check_tokenizer(checkpoint, data_tokenizer)
+    weight = model.wte.weight
+    grown = LunarisCodex(dataclasses.replace(model.config, vocab_size=vocab_size))
+    fitted, _ = fitted_weights(model.state_dict(), grown, checkpoint)
+    grown.load_state_dict(fitted)
+    return grown.to(device=weight.device, dtype=weight.dtype).eval()
