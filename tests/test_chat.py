@@ -117,6 +117,20 @@ def test_lunaris_chat_reads_stdin_and_refuses_a_model_without_a_template(tmp_pat
     assert done.returncode == 2 and "holds no chat template" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_the_readme_chat_commands_run(tmp_path):
+    """The README's Chat block (```bash chat-example```), against a chat run at runs/chat, stdin not a terminal."""
+    import re
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```bash chat-example\n(.*?)```", readme, re.S)
+    assert len(blocks) == 1 and "lunaris chat" in blocks[0]
+    chat_run(tmp_path / "runs/chat")
+    script = blocks[0].replace("lunaris chat", f"{sys.executable} -m lunaris chat --device cpu --max-new-tokens 4")
+    done = processes.run(["bash", "-euo", "pipefail", "-c", f"exec < /dev/null\n{script}"], 300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("\n") >= 2 and "Traceback" not in done.stderr   # the two piped messages answered
+
+
 # ---- the template outside Lunaris ------------------------------------------------------------------------------
 
 def test_apply_chat_template_of_the_export_gives_exactly_the_ids_lunaris_trained_on(tmp_path):
