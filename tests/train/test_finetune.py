@@ -240,3 +240,23 @@ def test_training_without_init_from_is_unchanged(tmp_path, base_run):
         assert a.initialized_from is None
     finally:
         a.close()
+
+
+@pytest.mark.slow
+def test_two_processes_fine_tune_exactly_as_one(tmp_path, base_run, chat_data, helpers):
+    """DDP under torchrun: the ranks' batches hold different numbers of assistant tokens, and every one of them
+    weighs the same in the step, so two processes of batch 4 train as one process of batch 8."""
+    keys = dict(model={"attention_mask": "document"}, init_from=str(base_run / "run"), max_steps=3, warmup_steps=0,
+                learning_rate=3e-3, min_lr=3e-3, eval_interval=3)
+    train(config(tmp_path / "one", chat_data, batch_size=8, **keys))
+    path = helpers.write_yaml(config(tmp_path / "two", chat_data, batch_size=4, **keys), tmp_path / "two.yaml")
+    done = helpers.torchrun(["-m", "lunaris", "train", str(path)])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    one, two = helpers.read_metrics(tmp_path / "one"), helpers.read_metrics(tmp_path / "two")
+    assert [r["step"] for r in two] == [1, 2, 3]
+    for a, b in zip(one, two):
+        for key in ("loss/total", "grad_norm", "val/loss"):
+            if key in a:
+                assert math.isclose(a[key], b[key], rel_tol=2e-5), (a["step"], key, a[key], b[key])
+    helpers.assert_weights_close(helpers.final_weights(tmp_path / "one"), helpers.final_weights(tmp_path / "two"),
+                                 atol=2e-5)
