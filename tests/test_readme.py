@@ -92,6 +92,7 @@ def scaled_down(text: str) -> str:
     return text
 
 
+@pytest.mark.timeout(1500)   # every runnable block twice, the fine-tuning of the demo's model included
 def test_runnable_shell_blocks_work(tmp_path):
     """In a fresh directory outside the repository (with its configs/, as a reader's checkout has), the files the
     README tells the reader to save (the sweep file), then every runnable block, in order, twice."""
