@@ -260,3 +260,29 @@ def test_two_processes_fine_tune_exactly_as_one(tmp_path, base_run, chat_data, h
                 assert math.isclose(a[key], b[key], rel_tol=2e-5), (a["step"], key, a[key], b[key])
     helpers.assert_weights_close(helpers.final_weights(tmp_path / "one"), helpers.final_weights(tmp_path / "two"),
                                  atol=2e-5)
+
+
+def test_eval_scores_a_base_model_on_conversations_as_its_fine_tuning_starts(tmp_path, base_run, chat_data):
+    """`lunaris eval --data` of conversations for a model that lacks the chat tokens: its vocabulary grown as
+    init_from grows it, each conversation read alone, the assistant's tokens scored."""
+    from lunaris.data import sequential_batches
+    from lunaris.evaluate import run_eval
+    run = tmp_path / "small"
+    run.mkdir()
+    (run / "tokenizer.json").write_bytes((base_run / "run" / "tokenizer.json").read_bytes())
+    torch.manual_seed(0)
+    small = LunarisCodex(tiny_model_config(vocab_size=297, max_seq_len=SEQ))        # the base tokenizer's ids only
+    torch.save({"model": small.state_dict(), "config": dataclasses.asdict(TrainConfig(model=small.config)),
+                "step": 3}, run / "latest_checkpoint.pt")
+    result = run_eval(run, data=chat_data, device="cpu", batch_size=4)
+    start = LunarisCodex(tiny_model_config(vocab_size=320, max_seq_len=SEQ, attention_mask="document",
+                                           document_separator_id=0))
+    load_initial_weights(start, run)
+    val = ShardDataset(chat_data / "val", SEQ)
+    nats, tokens, _ = held_out_sums(start.eval(), sequential_batches(val, 4), torch.device("cpu")).tolist()
+    manifest = json.loads((chat_data / "manifest.json").read_text())
+    assert result["tokens"] == tokens == manifest["splits"]["val"]["loss_mask"]["trained_tokens"]
+    assert math.isclose(result["loss"], nats / tokens, rel_tol=1e-6)
+    causal = LunarisCodex(tiny_model_config(vocab_size=320, max_seq_len=SEQ))     # reading across conversations
+    load_initial_weights(causal, run)
+    assert held_out_sums(causal.eval(), sequential_batches(val, 4), torch.device("cpu"))[0] != nats
