@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
+
 from lunaris.data.chat_template import CHAT_TOKENS, JINJA, special_texts
 from lunaris.data.conversations import LAYOUTS as CHAT_LAYOUTS
 from lunaris.data.conversations import layouts as file_layouts
@@ -131,7 +133,6 @@ def _write(batch: list, encode, template, packer, splitter, sources, bad, progre
 def _route(windows: list, splitter) -> bool:
     """Hand finished windows to the splitter as documents of one window each; True once it is full."""
     if windows:
-        import numpy as np
         rows = np.concatenate([w for w, _ in windows])
         lengths = np.array([len(w) for w, _ in windows], dtype=np.int64)
         splitter.add(rows, lengths, np.array([nbytes for _, nbytes in windows], dtype=np.int64))
