@@ -286,3 +286,19 @@ def test_eval_scores_a_base_model_on_conversations_as_its_fine_tuning_starts(tmp
     causal = LunarisCodex(tiny_model_config(vocab_size=320, max_seq_len=SEQ))     # reading across conversations
     load_initial_weights(causal, run)
     assert held_out_sums(causal.eval(), sequential_batches(val, 4), torch.device("cpu"))[0] != nats
+
+
+def test_a_moc_model_fine_tunes_from_its_checkpoint(tmp_path, base_run, chat_data):
+    moc = {"n_experts": 4, "top_k": 2, "collab_mode": "simple", "n_reasoning_steps": 2}
+    train(config(tmp_path / "moc-base", base_run / "data", model=moc, max_steps=2))
+    keys = dict(model={**moc, "attention_mask": "document"}, init_from=str(tmp_path / "moc-base"), max_steps=2,
+                eval_interval=2)
+    trainer = Trainer(config(tmp_path / "moc-sft", chat_data, **keys))
+    try:
+        base = load_checkpoint_file(tmp_path / "moc-base", include_optimizer=False)["model"]
+        assert base.keys() == trainer.model.state_dict().keys()   # router, experts, IRL: every weight taken
+        assert all(torch.equal(trainer.model.state_dict()[k], v) for k, v in base.items())
+        result = trainer.run()
+    finally:
+        trainer.close()
+    assert result.step == 2 and math.isfinite(result.last_metrics["val/loss"])
