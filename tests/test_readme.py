@@ -80,6 +80,7 @@ def test_every_shipped_config_validates_and_builds_on_meta(path, capsys):
 # The README's runnable shell blocks, scaled down so the suite stays fast (the Tests section documents this).
 SCALE_DOWN = [("lunaris demo", "lunaris demo --max-steps 6 --corpus-mb 0.4"),
               ("--max_steps=300", "--max_steps=6 --warmup_steps=2"),
+              ("--max_steps=100 --warmup_steps=10", "--max_steps=6 --warmup_steps=2"), ("--limit 400", "--limit 8"),
               ("--max-tokens 2000000", "--max-tokens 60000"),
               ("--tokenizer-sample-bytes 8e6", "--tokenizer-sample-bytes 5e5"),
               ("flops: 1.55e12", "flops: 1.2e11"), ("seeds: 2", "seeds: 1")]   # the sweep file
@@ -91,6 +92,7 @@ def scaled_down(text: str) -> str:
     return text
 
 
+@pytest.mark.timeout(1500)   # every runnable block twice, the fine-tuning of the demo's model included
 def test_runnable_shell_blocks_work(tmp_path):
     """In a fresh directory outside the repository (with its configs/, as a reader's checkout has), the files the
     README tells the reader to save (the sweep file), then every runnable block, in order, twice."""
@@ -110,5 +112,7 @@ def test_runnable_shell_blocks_work(tmp_path):
     assert (tmp_path / "runs/demo/demo-dense.json").is_file()
     assert (tmp_path / "hf/pylib/model.safetensors").is_file()
     assert (tmp_path / "runs/pylib/training.png").is_file()
+    assert (tmp_path / "runs/chat/tokenizer_config.json").is_file()   # fine-tuned from the demo, with its template
+    assert json.loads((tmp_path / "data/chat/manifest.json").read_text())["tokenizer_added_tokens"]
     sweep = json.loads((tmp_path / "runs/sweeps/sweep/results.json").read_text())
     assert [(row["variant"], row["steps"]) for row in sweep["variants"]] == [("dense", 3), ("topk", 3)]

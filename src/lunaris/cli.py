@@ -107,8 +107,12 @@ def add_prepare_parser(sub):
         "prepare", help="raw text -> tokenizer -> token shards + manifest (a data_dir for training)",
         description="Read SOURCE files/directories (text, JSONL, Parquet, gzip/bz2/xz variants, Hugging Face "
                     "save_to_disk datasets), mix them, train or load a tokenizer, and write OUT/tokenizer.json, "
-                    "OUT/train/shard_*.npy, OUT/val/shard_*.npy and OUT/manifest.json.")
-    p.add_argument("sources", nargs="+", metavar="SOURCE", help="text/JSONL/Parquet file, directory, or HF dataset dir")
+                    "OUT/train/shard_*.npy, OUT/val/shard_*.npy and OUT/manifest.json. Chat files (OpenAI messages, "
+                    "ShareGPT or Alpaca records, recognized per file) become fine-tuning data: the tokenizer gets "
+                    "the chat template's tokens, each conversation a loss mask (train/loss_mask/ beside the shards) "
+                    "and a whole place in a window of --seq-len tokens.")
+    p.add_argument("sources", nargs="*", metavar="SOURCE",
+                   help="text/JSONL/Parquet file, directory, or HF dataset dir; or chat files")
     p.add_argument("--out", required=True, type=Path, help="output directory (must be new or empty, see --overwrite)")
     tok = p.add_mutually_exclusive_group(required=True)
     tok.add_argument("--vocab-size", type=int, help="train a byte-level BPE tokenizer with this many ids")
@@ -137,6 +141,16 @@ def add_prepare_parser(sub):
     p.add_argument("--batch-docs", type=int, default=1024, help="documents per encoding batch (default 1024)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the new data is complete")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    chat = p.add_argument_group("conversations (chat files)")
+    chat.add_argument("--seq-len", type=int, help="the model.max_seq_len you will fine-tune with: conversations are "
+                                                  "packed whole into windows of this many tokens (needed for chat "
+                                                  "files; a longer conversation is left out and reported)")
+    chat.add_argument("--chat-layout", choices=["packed", "padded"], default="packed",
+                      help="packed (default): several conversations per window, trained with model.attention_mask: "
+                           "document; padded: one per window, for a model that keeps causal attention")
+    chat.add_argument("--example-chat", type=Path, metavar="FILE",
+                      help="write the example conversations (docstring -> function, from the Python standard "
+                           "library's packages the demo does not train on) to FILE and prepare them")
     p.set_defaults(func=cmd_prepare)
 
 
@@ -157,7 +171,8 @@ def cmd_prepare(args, overrides):
         seed=args.seed, text_field=args.text_field, include=tuple(args.include or DEFAULT_INCLUDE),
         exclude=tuple(args.exclude), hf_split=args.hf_split, eot_token=args.eot_token,
         tokenizer_sample_bytes=int(args.tokenizer_sample_bytes), batch_docs=args.batch_docs,
-        overwrite=args.overwrite, progress=not args.no_progress)
+        overwrite=args.overwrite, progress=not args.no_progress, seq_len=args.seq_len, chat_layout=args.chat_layout,
+        example_chat=args.example_chat)
     recorded = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
     manifest = prepare(options, args_for_manifest=recorded)
     print(format_report(manifest, args.out))
@@ -242,6 +257,13 @@ def add_generate_parser(sub):
                               "line) in batches, printing one JSON line {\"prompt\", \"completion\"} per prompt")
     p.add_argument("--batch-size", type=int, default=8,
                    help="prompts decoded together with --prompt-file (default 8)")
+    _add_sampling_args(p)
+    _add_device_args(p)
+    p.set_defaults(func=cmd_generate)
+
+
+def _add_sampling_args(p):
+    """How `generate` and `chat` sample, and the tokenizer and compilation of their decoding."""
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy (default 0.8)")
     p.add_argument("--top-k", type=int, help="sample among the k most likely tokens only")
@@ -251,19 +273,43 @@ def add_generate_parser(sub):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the decode step (compilation takes seconds to minutes, reported on stderr; "
                         "default: only on CUDA, once enough tokens were decoded for it to pay off)")
-    _add_device_args(p)
-    p.set_defaults(func=cmd_generate)
+
+
+def _sampling_options(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, seed=args.seed, tokenizer_path=args.tokenizer, device=args.device,
+                dtype=args.dtype, threads=args.threads, compile=args.compile)
 
 
 def cmd_generate(args, overrides):
     from lunaris.generate import read_prompts, run_generate, run_generate_batch
-    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed, tokenizer_path=args.tokenizer, device=args.device,
-                   dtype=args.dtype, threads=args.threads, compile=args.compile)
+    options = _sampling_options(args)
     if args.prompt_file is not None:
         run_generate_batch(args.checkpoint, read_prompts(args.prompt_file), batch_size=args.batch_size, **options)
     else:
         run_generate(args.checkpoint, args.prompt, **options)
+    return 0
+
+
+def add_chat_parser(sub):
+    p = sub.add_parser("chat", help="talk to a fine-tuned model in the terminal (or through stdin)",
+                       description="Chat with the model of a checkpoint fine-tuned on conversations, rendered with "
+                                   "the chat template beside its tokenizer. Replies stream as they are produced; "
+                                   "the turns so far stay in the prompt while they fit the context (the oldest are "
+                                   "dropped, with a note). Commands: /reset, /system TEXT, /quit. One message per "
+                                   "line (a line ending with \\ continues on the next); when stdin is not a "
+                                   "terminal its lines are read without prompts and each reply is printed on "
+                                   "stdout, so `printf 'Hello\\n' | lunaris chat --checkpoint RUN` scripts it.")
+    _add_model_source(p)
+    p.add_argument("--system", metavar="TEXT", help="the system message the conversation starts with")
+    _add_sampling_args(p)
+    _add_device_args(p)
+    p.set_defaults(func=cmd_chat)
+
+
+def cmd_chat(args, overrides):
+    from lunaris.chat import run_chat
+    run_chat(args.checkpoint, system=args.system, **_sampling_options(args))
     return 0
 
 
@@ -476,8 +522,8 @@ def cmd_demo(args, overrides):
 # ---- entry point ----------------------------------------------------------------------------------
 
 PARSERS = [add_demo_parser, add_prepare_parser, add_train_parser, add_eval_parser, add_analyze_parser,
-           add_generate_parser, add_export_parser, add_plot_parser, add_config_parser, add_selftest_parser,
-           add_bench_parser, add_sweep_parser]
+           add_generate_parser, add_chat_parser, add_export_parser, add_plot_parser, add_config_parser,
+           add_selftest_parser, add_bench_parser, add_sweep_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

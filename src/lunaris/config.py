@@ -413,6 +413,10 @@ class CheckpointKeys(_Section):
     save_latest_always: bool = key(
         True, "Update latest_checkpoint.pt at every save (false: only at the end and on preemption).")
     keep_last: int = key(3, "Numbered checkpoints ckpt_<step>.pt to keep (0 keeps all).", ge=0)
+    init_from: Optional[str] = key(
+        None, "Start from the weights of this checkpoint (file or run directory) instead of random ones: fine-tuning "
+              "or continued pre-training, with a fresh optimizer, schedule and step count; ignored once out_dir has "
+              "checkpoints of its own. A vocabulary grown since (chat tokens) gets new rows = the mean embedding.")
 
 
 @dataclass

@@ -15,7 +15,16 @@ import time
 from pathlib import Path
 
 from lunaris.checkpoints import read_trainer_state, resolve_checkpoint_path
-from lunaris.data import ShardDataset, check_vocab, resolve_data_dirs, sequential_batches, split_info
+from lunaris.data import (
+    ShardDataset,
+    check_vocab,
+    read_manifest,
+    resolve_data_dirs,
+    sequential_batches,
+    split_info,
+    tokenizer_path,
+)
+from lunaris.data.packing import check_windows
 from lunaris.data.tokenizer import end_of_text_id, find_tokenizer, load_tokenizer
 from lunaris.errors import DataError, LunarisError
 from lunaris.fileio import atomic_write_json
@@ -23,6 +32,7 @@ from lunaris.generate import load_model
 from lunaris.tasks import encode_task, evaluate_tasks, load_task, parse_specs
 from lunaris.tasks.scoring import token_encoder
 from lunaris.train.evaluation import held_out_sums, loss_and_perplexity
+from lunaris.train.init_from import grown_model
 
 
 def evaluate(model, dataset, batch_size: int, max_batches: int = None, bytes_per_token: float = None) -> dict:
@@ -69,11 +79,13 @@ def held_out_dir(data, run_config: dict) -> Path:
 
 
 def bytes_per_token(data_dir) -> float:
-    """Average UTF-8 bytes per token of a prepared split (None for a flat directory without manifest)."""
+    """Average UTF-8 bytes per token of a prepared split (None for a flat directory without manifest); for
+    conversations, bytes of the assistant's text per trained token (what the masked loss is over)."""
     info = split_info(data_dir)
-    if not info or not info.get("bytes") or not info.get("tokens"):
+    tokens = info and ((info.get("loss_mask") or {}).get("trained_tokens") or info.get("tokens"))
+    if not info or not info.get("bytes") or not tokens:
         return None
-    return info["bytes"] / info["tokens"]
+    return info["bytes"] / tokens
 
 
 def checkpoint_metadata(path) -> dict:
@@ -92,10 +104,26 @@ def load_held_out(checkpoint, data=None, batch_size: int = None, device: str = "
     model = load_model(checkpoint, device, dtype, threads)
     meta = checkpoint_metadata(checkpoint)
     data_dir = held_out_dir(data, meta["config"])
+    model = fit_to_conversations(model, checkpoint, data_dir)
     check_vocab(data_dir, model.config.vocab_size)  # ids the embedding cannot index: a clear error, not a crash
     dataset = ShardDataset(data_dir, model.config.max_seq_len, verify="full")
     batch_size = batch_size or int(meta["config"].get("batch_size") or 8)
     return model, meta, data_dir, dataset, batch_size
+
+
+def fit_to_conversations(model, checkpoint, data_dir):
+    """A model evaluated on prepared conversations (a manifest with a `chat` entry) reads each one alone
+    (attention_mask: document, whatever it was trained with); a base model whose tokenizer lacks the chat tokens
+    is evaluated as fine-tuning from it starts (init_from: the vocabulary grown, new rows = the mean embedding), so
+    that its assistant-token loss is the fine-tuned model's baseline. Other data: the model unchanged."""
+    manifest = read_manifest(data_dir)
+    if not manifest or "chat" not in manifest:
+        return model
+    if model.config.vocab_size < manifest["vocab_size"]:
+        model = grown_model(model, checkpoint, manifest["model_vocab_size"], tokenizer_path(data_dir))
+    model.config.attention_mask, model.config.document_separator_id = "document", int(manifest["eot_id"])
+    check_windows(data_dir, model.config)  # windows of a multiple of the prepared length: conversations whole
+    return model
 
 
 def run_eval(checkpoint, data=None, max_batches: int = None, batch_size: int = None, device: str = "auto",

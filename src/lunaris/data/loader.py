@@ -79,7 +79,8 @@ class _Batches(Dataset):
 
 
 class TokenLoader:
-    """Endless iterator of (x, y) int64 batches of shape (batch_size, seq_len), epoch after epoch.
+    """Endless iterator of (x, y) int64 batches of shape (batch_size, seq_len), epoch after epoch ((x, y, mask) for
+    data with a loss mask: ShardDataset.get_batch).
 
     Deterministic from `seed`: epoch e's order depends only on (seed, e); rank `rank` of `world_size`
     gets a disjoint, equal-size share. `state_dict()` records the epoch and the number of batches
@@ -122,9 +123,9 @@ class TokenLoader:
     def __iter__(self) -> Iterator[tuple]:
         while True:
             self.sampler.set_position(self.epoch, self.batch_in_epoch)
-            for x, y in self._loader:
+            for batch in self._loader:
                 self.batch_in_epoch += 1  # counted when handed over, so a checkpoint taken now includes it
-                yield x, y
+                yield batch
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
     def state_dict(self) -> dict:

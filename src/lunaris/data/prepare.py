@@ -13,6 +13,12 @@ The pipeline (memory stays bounded whatever the corpus size: documents are strea
    the tokenizer are written into a hidden staging directory, the manifest last, and the directory is
    moved to `--out` only when complete.
 
+Sources that hold conversations (chat files: prepare_chat.py) take the same path with a chat template: the
+tokenizer gains the template's special tokens, each conversation is rendered with a loss mask (1 on the
+assistant's tokens) and packed whole into windows of `--seq-len`, and every split gets loss-mask shards beside its
+token shards. `--example-chat FILE` writes the example conversations Lunaris builds from the standard library to
+FILE (chat_example.py) and prepares them.
+
 Byte counts (`bytes` per split and source) are UTF-8 bytes of the documents as tokenized (after
 replacing undecodable bytes), without the end-of-text token, so bits-per-byte = nats / ln 2 / bytes.
 """
@@ -29,10 +35,19 @@ from pathlib import Path
 
 import numpy as np
 
+from lunaris.data import prepare_chat
+from lunaris.data.chat_template import ChatTemplate, add_chat_tokens, write_template
 from lunaris.data.shards import FORMAT_VERSION, MANIFEST_NAME, TOKENIZER_NAME
 from lunaris.data.sources import DEFAULT_INCLUDE, MixStats, Source, batched, mix_documents
 from lunaris.data.tokenizer import load_tokenizer, round_vocab, tokenizer_sample, train_tokenizer, vocab_size_of
-from lunaris.data.writer import AdaptiveSplitter, ShardWriter, TrainValSplitter, install, staging_dir
+from lunaris.data.writer import (
+    AdaptiveSplitter,
+    MaskedShardWriter,
+    ShardWriter,
+    TrainValSplitter,
+    install,
+    staging_dir,
+)
 from lunaris.errors import DataError
 from lunaris.fileio import atomic_write_json
 from lunaris.runtime import END_OF_TEXT, file_sha256
@@ -82,9 +97,14 @@ class PrepareOptions:
     batch_bytes: int = 8_000_000
     overwrite: bool = False
     progress: bool = True
+    seq_len: int | None = None          # conversations: the window they are packed into (model.max_seq_len)
+    chat_layout: str = "packed"         # conversations: packed (several per window) or padded (one per window)
+    example_chat: Path | None = None    # write the example conversations here and prepare them too
 
     def check(self) -> None:
-        problems = []
+        problems = prepare_chat.check_options(self)
+        if not self.sources and self.example_chat is None:
+            problems.append("give at least one SOURCE (or --example-chat FILE)")
         if (self.vocab_size is None) == (self.tokenizer is None):
             problems.append("give exactly one of --vocab-size N (train a tokenizer) or --tokenizer FILE (use one)")
         if self.vocab_size is not None and not 258 <= self.vocab_size < 2**32:
@@ -177,6 +197,19 @@ def _encode_all(options, sources, tokenizer, eot_id, dtype, stage: Path, stats: 
     return {"train": train.close(), **({"val": val.close()} if val.tokens else {})}, splitter.val_tokens
 
 
+def _encode_chat(options, sources, tokenizer, eot_id, dtype, stage: Path) -> tuple:
+    """Conversations into staged token and loss-mask shards (prepare_chat.py); returns the per-split manifest
+    entries, the validation budget and the manifest's `chat` entry."""
+    val = MaskedShardWriter(stage / "val", dtype, options.shard_tokens)
+    train = MaskedShardWriter(stage / "train", dtype, options.shard_tokens)
+    splitter = _splitter(options, val, train)
+    progress = _Progress(options.progress, "rendering")
+    record = prepare_chat.encode_conversations(options, sources, ChatTemplate(tokenizer), eot_id, splitter, progress)
+    progress.close()
+    splitter.finish()
+    return {"train": train.close(), **({"val": val.close()} if val.tokens else {})}, splitter.val_tokens, record
+
+
 def _write_batch(batch, future, splitter, sources, eot_id, dtype, progress) -> bool:
     """Write one encoded batch; True once --max-tokens is reached."""
     ids, lengths = _to_ids(future.result(), eot_id, dtype)
@@ -189,32 +222,61 @@ def _write_batch(batch, future, splitter, sources, eot_id, dtype, progress) -> b
     return splitter.full
 
 
+def _sources(options: PrepareOptions) -> list:
+    """The SOURCE arguments (and the example conversations, written first), each with its weight."""
+    paths = list(options.sources)
+    if options.example_chat is not None:
+        from lunaris.data.chat_example import write_example_chat
+        write_example_chat(options.example_chat)
+        paths.append(options.example_chat)
+    weights = options.weights or [None] * len(paths)
+    sources = [Source(Path(p), options.text_field, tuple(options.include), tuple(options.exclude),
+                      options.hf_split, options.seed) for p in paths]
+    for source, weight in zip(sources, weights):
+        source.weight = float(weight) if weight is not None else float(max(source.disk_bytes(), 1))
+    return sources
+
+
+def _tokenizer(options: PrepareOptions, sources: list, chat: bool) -> tuple:
+    """(tokenizer, end-of-text id, chat tokens added to it): loaded or trained on the start of the mix."""
+    if options.tokenizer is not None:
+        tokenizer = load_tokenizer(options.tokenizer, eot_token=options.eot_token)
+        eot_id = tokenizer.token_to_id(options.eot_token)
+    else:
+        honour = options.weights is not None
+        sample = (prepare_chat.chat_sample(sources, honour, options.tokenizer_sample_bytes) if chat else
+                  tokenizer_sample(sources, honour, options.tokenizer_sample_bytes))
+        tokenizer, eot_id = train_tokenizer((t for batch in sample for t in batch), options.vocab_size), 0
+        for s in sources:
+            s.exhausted = False
+    return tokenizer, eot_id, add_chat_tokens(tokenizer) if chat else []
+
+
 def prepare(options: PrepareOptions, args_for_manifest: dict | None = None) -> dict:
     """Run the whole pipeline; returns the manifest (also written to `out/manifest.json`)."""
     options.check()
     started = time.time()
-    weights = options.weights or [None] * len(options.sources)
-    sources = [Source(Path(p), options.text_field, tuple(options.include), tuple(options.exclude),
-                      options.hf_split, options.seed) for p in options.sources]
-    for source, weight in zip(sources, weights):
-        source.weight = float(weight) if weight is not None else float(max(source.disk_bytes(), 1))
+    sources = _sources(options)
+    chat = prepare_chat.chat_sources(sources)
+    if chat:
+        prepare_chat.require_seq_len(options)
     out = options.out.resolve()
     with staging_dir(out) as stage:
-        if options.tokenizer is not None:
-            tokenizer = load_tokenizer(options.tokenizer, eot_token=options.eot_token)
-            eot_id = tokenizer.token_to_id(options.eot_token)
-        else:
-            sample = tokenizer_sample(sources, options.weights is not None, options.tokenizer_sample_bytes)
-            tokenizer, eot_id = train_tokenizer((t for batch in sample for t in batch), options.vocab_size), 0
-            for s in sources:
-                s.exhausted = False
+        tokenizer, eot_id, added = _tokenizer(options, sources, chat)
+        base_vocab_size = vocab_size_of(tokenizer) - len(added)
         tokenizer.save(str(stage / TOKENIZER_NAME))
-        if hasattr(tokenizer, "encode_special_tokens"):
+        if chat:
+            write_template(stage)  # the template belongs to the tokenizer: tokenizer_config.json beside it
+        elif hasattr(tokenizer, "encode_special_tokens"):
             tokenizer.encode_special_tokens = True  # a literal "<|endoftext|>" in a document stays text
         vocab_size = vocab_size_of(tokenizer)
         dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
         stats = MixStats()  # this run's counts (the tokenizer sample read the same documents with its own)
-        splits, val_budget = _encode_all(options, sources, tokenizer, eot_id, dtype, stage, stats)
+        if chat:
+            splits, val_budget, chat_record = _encode_chat(options, sources, tokenizer, eot_id, dtype, stage)
+            prepare_chat.check_conversations(splits, chat_record)
+        else:
+            splits, val_budget = _encode_all(options, sources, tokenizer, eot_id, dtype, stage, stats)
         _check_splits(splits, options, sources, stats)
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -230,6 +292,8 @@ def prepare(options: PrepareOptions, args_for_manifest: dict | None = None) -> d
                        "undecodable_sequences_replaced": stats.replaced, "seconds": round(time.time() - started, 1)},
             "args": args_for_manifest or {},
         }
+        if chat:
+            manifest.update(chat=chat_record, tokenizer_added_tokens=added, base_vocab_size=base_vocab_size)
         atomic_write_json(stage / MANIFEST_NAME, manifest)  # last: a directory with a manifest is complete
         install(stage, out)
     return manifest
@@ -267,6 +331,8 @@ def format_report(manifest: dict, out: Path) -> str:
         used = "all" if s["exhausted"] else "part (mix ended)"
         lines.append(f"  source {s['path']}: {s['documents']:,} documents, {100 * s['bytes'] / total_bytes:.1f}% "
                      f"of bytes, {used}")
+    if "chat" in manifest:
+        lines += prepare_chat.report_lines(manifest)
     report = manifest["report"]
     if report.get("val_tokens_automatic"):
         lines.append(_validation_line(manifest))
@@ -277,6 +343,12 @@ def format_report(manifest: dict, out: Path) -> str:
     if requested and requested > manifest["vocab_size"]:
         lines.append(f"  note: the sample had too little text for {requested:,} ids; the tokenizer stopped at "
                      f"{manifest['vocab_size']:,} (raise --tokenizer-sample-bytes or use more data for more)")
-    lines.append(f"set model.vocab_size: {manifest['model_vocab_size']}  (the tokenizer's {manifest['vocab_size']:,} "
-                 f"ids rounded up to a multiple of 64) and data_dir: {out}")
+    line = f"set model.vocab_size: {manifest['model_vocab_size']}  (the tokenizer's {manifest['vocab_size']:,} " \
+           f"ids rounded up to a multiple of 64) and data_dir: {out}"
+    if "chat" in manifest:
+        line += f", model.max_seq_len: {manifest['chat']['seq_len']} (or a multiple)"
+        if manifest["chat"]["layout"] == "packed":
+            line += ", model.attention_mask: document (conversations share windows)"
+        line += "; start from a model with init_from: CHECKPOINT"
+    lines.append(line)
     return "\n".join(lines)

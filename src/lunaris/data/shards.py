@@ -18,14 +18,22 @@ sequence length L, sample i is the tokens `[i*L, i*L + L + 1)`: `x` the first L,
 id 0 and its missing targets -1 (ignored by the loss). Padding is applied after the conversion
 to int64, so no padding value is ever written into a uint16 array (where -1 would become 65535).
 
+**Loss masks** (fine-tuning data, `lunaris prepare` of conversations): a split directory may hold a
+`loss_mask/` subdirectory with one uint8 shard per token shard, of the same name and length: 1 where the
+token is trained as a target (the assistant's), 0 where it is not. Windows are cut from it exactly as from the
+tokens, and `get_batch` then returns `(x, y, mask)`, mask (B, L) bool for the targets y (padding: False).
+A flat directory of shards can carry one the same way.
+
 Manifest layout (`format_version` 1), the fields other commands rely on::
 
     {"format_version": 1, "vocab_size": V, "model_vocab_size": V rounded up to 64,
      "eot_token": "<|endoftext|>", "eot_id": 0, "dtype": "uint16",
      "tokenizer": "tokenizer.json", "tokenizer_sha256": "...",
      "splits": {"train": {"documents": n, "tokens": n, "bytes": n, "max_token_id": n,
-                          "shards": [{"file": "shard_00000.npy", "tokens": n, "sha256": "..."}, ...]},
+                          "shards": [{"file": "shard_00000.npy", "tokens": n, "sha256": "..."}, ...],
+                          "loss_mask": {"dir": "loss_mask", "trained_tokens": n, "shards": [...]}},  # chat only
                 "val": {...}},
+     "chat": {"seq_len": L, "layout": "packed", "special_tokens": {...}, "bad_rows": {...}, ...},  # chat only
      "sources": [...], "args": {...}, "report": {...}}
 
 Verification levels (`verify=`): `"size"` (default, cheap: the set of shard files and every
@@ -47,6 +55,7 @@ from lunaris.errors import DataError
 from lunaris.runtime import file_sha256
 
 MANIFEST_NAME = "manifest.json"
+MASK_DIR = "loss_mask"
 TOKENIZER_NAME = "tokenizer.json"
 FORMAT_VERSION = 1
 TOKEN_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.uint32))
@@ -162,6 +171,25 @@ def list_shards(data_dir: Path) -> list:
     return files
 
 
+def open_masks(data_dir: Path, files: list, lengths) -> list:
+    """Memory-map the loss-mask shards of a split (`loss_mask/`): one per token shard, same name and length."""
+    mask_dir = data_dir / MASK_DIR
+    masks = []
+    for path, length in zip(files, lengths):
+        mask_path = mask_dir / path.name
+        if not mask_path.is_file():
+            raise DataError(f"{mask_dir} has no {path.name}: a split's loss mask needs one shard per token shard, "
+                            f"of the same name and length. Re-run `lunaris prepare`, or remove {mask_dir} to train "
+                            f"on every token.")
+        mask = open_shard(mask_path)
+        if mask.dtype != np.uint8 or len(mask) != length:
+            raise DataError(f"the loss-mask shard {mask_path} holds {len(mask):,} {mask.dtype} values for the "
+                            f"{length:,} tokens of {path.name}; a loss mask is uint8 (0 or 1), one per token. "
+                            f"Re-run `lunaris prepare`.")
+        masks.append(mask)
+    return masks
+
+
 def open_shard(path: Path) -> np.ndarray:
     """Memory-map one shard and check that it is a 1-D array of unsigned token ids."""
     try:
@@ -213,7 +241,8 @@ class ShardDataset(torch.utils.data.Dataset):
 
     `len(ds)` = `ceil((N - 1) / seq_len)` for N tokens; `ds[i]` -> `(x, y)`, int64 tensors of shape
     (seq_len,), where `y` is `x` shifted by one token (see the module docstring for padding).
-    `get_batch(indices)` -> `(x, y)` of shape (len(indices), seq_len) is the fast path the loader uses.
+    `get_batch(indices)` -> `(x, y)` of shape (len(indices), seq_len) is the fast path the loader uses; a split with
+    a loss mask (`loss_mask/`, see the module docstring) gives `(x, y, mask)` instead (`has_loss_mask`).
 
     `data_dir` may be a directory made by `lunaris prepare` (its `train/` split is read and checked
     against the manifest), one of its split directories, or a flat directory of `.npy` shards.
@@ -238,11 +267,19 @@ class ShardDataset(torch.utils.data.Dataset):
         self.files = list_shards(self.data_dir)
         arrays = [open_shard(p) for p in self.files]
         self.lengths = np.array([len(a) for a in arrays], dtype=np.int64)
+        self.has_loss_mask = (self.data_dir / MASK_DIR).is_dir()
+        masks = open_masks(self.data_dir, self.files, self.lengths) if self.has_loss_mask else None
         if self.manifest is not None:
             entry = self.manifest["splits"].get(split)
             if entry is None:
                 raise _manifest_mismatch(self.data_dir, f"the manifest has no '{split}' split")
             verify_against_manifest(self.data_dir, self.files, self.lengths, entry, verify)
+            if self.has_loss_mask != ("loss_mask" in entry):
+                raise _manifest_mismatch(self.data_dir, "the loss mask is " + ("not in the manifest" if
+                                         self.has_loss_mask else f"missing ({self.data_dir / MASK_DIR})"))
+            if masks is not None:  # (a mismatch names the split directory, whose manifest lists the masks too)
+                verify_against_manifest(self.data_dir, [self.data_dir / MASK_DIR / p.name for p in self.files],
+                                        self.lengths, entry["loss_mask"], verify)
         self.dtypes = sorted({a.dtype.name for a in arrays})
         # offsets[k] = index in the stream of shard k's first token; offsets[-1] = N.  Shape (S+1,)
         self.offsets = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
@@ -250,12 +287,12 @@ class ShardDataset(torch.utils.data.Dataset):
         if self.num_tokens < 2:
             raise DataError(f"The shards in {self.data_dir} hold {self.num_tokens} token(s) in total; at least 2 "
                             f"are needed for one (input, target) pair. Prepare more data.")
-        self._arrays = arrays
+        self._arrays, self._masks = arrays, masks
 
     # Workers get the file list, not the memory maps (pickling a memmap would copy its data).
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_arrays"] = None
+        state["_arrays"] = state["_masks"] = None
         return state
 
     def _shards(self) -> list:
@@ -263,12 +300,19 @@ class ShardDataset(torch.utils.data.Dataset):
             self._arrays = [np.load(p, mmap_mode="r", allow_pickle=False) for p in self.files]
         return self._arrays
 
+    def _mask_shards(self) -> list:
+        if self._masks is None:
+            self._masks = [np.load(self.data_dir / MASK_DIR / p.name, mmap_mode="r", allow_pickle=False)
+                           for p in self.files]
+        return self._masks
+
     def __len__(self) -> int:
         return (self.num_tokens - 1 + self.seq_len - 1) // self.seq_len
 
-    def _read_into(self, start: int, row: np.ndarray) -> int:
-        """Copy stream tokens [start, start + len(row)) into `row` (int64), across shards; returns the count."""
-        shards, offsets = self._shards(), self.offsets
+    def _read_into(self, start: int, row: np.ndarray, shards: list = None) -> int:
+        """Copy stream tokens (or the loss mask, from `shards`) [start, start + len(row)) into `row`, across shards;
+        returns the count."""
+        shards, offsets = shards if shards is not None else self._shards(), self.offsets
         end = min(start + len(row), self.num_tokens)
         k = int(np.searchsorted(offsets, start, side="right")) - 1
         filled, pos = 0, start
@@ -280,16 +324,20 @@ class ShardDataset(torch.utils.data.Dataset):
         return filled
 
     def get_batch(self, indices) -> tuple:
-        """(x, y) int64 tensors of shape (B, seq_len) for sample indices of length B."""
+        """(x, y) int64 tensors of shape (B, seq_len) for sample indices of length B; with a loss mask,
+        (x, y, mask), mask (B, seq_len) bool: whether each target of y is trained."""
         L = self.seq_len
         n_samples = len(self)
         window = np.empty((len(indices), L + 1), dtype=np.int64)  # (B, L+1): x = [:, :L], y = [:, 1:]
+        masks = np.zeros((len(indices), L + 1), dtype=np.bool_) if self.has_loss_mask else None
         short_rows = []
         for r, i in enumerate(indices):
             i = int(i)
             if not 0 <= i < n_samples:
                 raise IndexError(f"sample index {i} out of range for {n_samples} samples")
             filled = self._read_into(i * L, window[r])
+            if masks is not None:
+                self._read_into(i * L, masks[r], self._mask_shards())
             if filled < L + 1:
                 short_rows.append((r, filled))
         x = torch.from_numpy(window[:, :L].copy())
@@ -297,21 +345,23 @@ class ShardDataset(torch.utils.data.Dataset):
         for r, filled in short_rows:  # only the stream's last window: pad in int64, never in the shard dtype
             x[r, filled:] = 0
             y[r, filled - 1:] = -1
-        return x, y
+            if masks is not None:
+                masks[r, filled:] = False
+        return (x, y) if masks is None else (x, y, torch.from_numpy(masks[:, 1:].copy()))
 
     def __getitem__(self, index: int) -> tuple:
         if index < 0:
             index += len(self)
-        x, y = self.get_batch([index])
-        return x[0], y[0]
+        return tuple(t[0] for t in self.get_batch([index]))
 
     def max_token_id(self) -> int:
         """The largest id in the shards (reads every token once; memory maps keep this fast)."""
         return max(int(a.max()) for a in self._shards() if len(a))
 
     def __repr__(self) -> str:
+        mask = ", with a loss mask" if self.has_loss_mask else ""
         return (f"ShardDataset({str(self.data_dir)!r}, seq_len={self.seq_len}: {len(self.files)} shard(s), "
-                f"{self.num_tokens:,} tokens, {len(self):,} samples)")
+                f"{self.num_tokens:,} tokens, {len(self):,} samples{mask})")
 
 
 def check_vocab(data_dir, vocab_size: int) -> None:

@@ -12,6 +12,9 @@ text (in bytes) follows its weight and the mix stops when the first source runs 
 much of each was used). Without `--weights`, every document of every source is used exactly once,
 interleaved in proportion to the sources' sizes on disk.
 
+**Conversations.** A JSONL, JSON or Parquet file whose first record is a conversation is a chat file, read by
+conversations.py (`Source.chat_layouts` holds each file's layout) and mixed by `interleave` as documents are.
+
 Documents are streamed, never held all at once. Undecodable bytes (and lone surrogates from JSON escapes)
 become U+FFFD; each replaced sequence is counted in the run's `MixStats`, so separate runs never share a
 count. The byte size of a document is that of its UTF-8 encoding after these replacements.
@@ -185,6 +188,20 @@ def _hf_docs(path: Path, split: str, text_field: str, stats: MixStats) -> Iterat
         yield from _column_texts(batch.column(text_field), str(path), text_field, stats)
 
 
+def read_guarded(path: Path, items: Iterator) -> Iterator:
+    """`items` read from `path`, a damaged file reported as one clear DataError naming it."""
+    try:
+        yield from items
+    except DataError:
+        raise
+    except (OSError, EOFError, ValueError, UnicodeError, lzma.LZMAError, zlib.error) as exc:
+        raise _unreadable(path, exc) from None
+    except Exception as exc:  # pyarrow's ArrowInvalid and friends
+        if type(exc).__module__.startswith("pyarrow"):
+            raise _unreadable(path, exc) from None
+        raise
+
+
 def _matches(relative: str, patterns) -> bool:
     """Globs without '/' match the file name, globs with '/' the path relative to the source directory."""
     name = relative.rsplit("/", 1)[-1]
@@ -209,6 +226,7 @@ class Source:
     tokens: int = 0
     exhausted: bool = False
     files: list = field(default_factory=list)
+    chat_layouts: dict = field(default_factory=dict)  # {file: chat layout or None}, once conversations.py looked
 
     def __post_init__(self):
         if not self.path.exists():
@@ -263,19 +281,9 @@ class Source:
         stats = MixStats() if stats is None else stats
         for path in self.files:
             if self.kind == "hf":
-                docs = _hf_docs(path, self.hf_split, self.text_field, stats)
+                yield from read_guarded(path, _hf_docs(path, self.hf_split, self.text_field, stats))
             else:
-                docs = self._file_docs(path, stats)
-            try:
-                yield from docs
-            except DataError:
-                raise
-            except (OSError, EOFError, ValueError, UnicodeError, lzma.LZMAError, zlib.error) as exc:
-                raise _unreadable(path, exc) from None
-            except Exception as exc:  # pyarrow's ArrowInvalid and friends
-                if type(exc).__module__.startswith("pyarrow"):
-                    raise _unreadable(path, exc) from None
-                raise
+                yield from read_guarded(path, self._file_docs(path, stats))
 
     def describe(self) -> dict:
         return {"path": str(self.path), "kind": self.kind, "weight": self.weight, "files": len(self.files),
@@ -285,33 +293,44 @@ class Source:
 
 # ---- the mix ---------------------------------------------------------------------------------------
 
-def mix_documents(sources: list, honour_weights: bool, stats: MixStats) -> Iterator[tuple]:
-    """(source index, text, UTF-8 bytes) in a deterministic weighted interleaving.
+def interleave(streams: list, sources: list, honour_weights: bool) -> Iterator[tuple]:
+    """(source index, item, size) from streams of (item, size or None), in a deterministic weighted interleaving.
 
-    Always takes the next document from the source with the fewest bytes emitted per unit of weight
-    (ties: first source). With `honour_weights` the mix ends when any source runs out, keeping the
-    proportions; otherwise an exhausted source drops out and the others continue. Empty documents and
-    replaced sequences are counted in `stats`.
+    Always takes the next item from the source with the fewest bytes emitted per unit of weight (ties: first
+    source); an item of size None (an empty document) is passed over. With `honour_weights` the mix ends when any
+    source runs out, keeping the proportions; otherwise an exhausted source drops out and the others continue.
     """
-    streams = [s.documents_iter(stats) for s in sources]
     heap = [(0.0, i) for i in range(len(sources))]  # (bytes emitted / weight, source index)
     emitted = [0] * len(sources)
     while heap:
         _, i = heapq.heappop(heap)
-        text = next(streams[i], StopIteration)
-        if text is StopIteration:
+        entry = next(streams[i], StopIteration)
+        if entry is StopIteration:
             sources[i].exhausted = True
             if honour_weights:
                 return
             continue
-        if not text or text.isspace():
-            stats.empty_skipped += 1
-            heapq.heappush(heap, (emitted[i] / sources[i].weight, i))
-            continue
-        text, size = stats.utf8_size(text)
-        emitted[i] += size
+        item, size = entry
+        emitted[i] += size or 0
         heapq.heappush(heap, (emitted[i] / sources[i].weight, i))
-        yield i, text, size
+        if size is not None:
+            yield i, item, size
+
+
+def mix_documents(sources: list, honour_weights: bool, stats: MixStats) -> Iterator[tuple]:
+    """(source index, text, UTF-8 bytes) of every source's documents, interleaved by weight (`interleave`).
+
+    Empty documents and replaced sequences are counted in `stats`.
+    """
+    def sized(stream):
+        for text in stream:
+            if not text or text.isspace():
+                stats.empty_skipped += 1
+                yield None, None
+            else:
+                yield stats.utf8_size(text)
+
+    yield from interleave([sized(s.documents_iter(stats)) for s in sources], sources, honour_weights)
 
 
 def batched(docs: Iterator[tuple], max_docs: int, max_bytes: int) -> Iterator[list]:

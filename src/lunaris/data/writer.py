@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lunaris.data.shards import MASK_DIR
 from lunaris.fileio import atomic_open, replace_dir
 
 
@@ -76,6 +77,37 @@ class ShardWriter:
         self.buffer = None
         return {"documents": self.documents, "tokens": self.tokens, "bytes": self.bytes,
                 "max_token_id": self.max_id, "shards": self.shards}
+
+
+class MaskedShardWriter:
+    """Token shards and their loss-mask shards (uint8, in `loss_mask/`) for one split of conversations.
+
+    Takes the packer's rows (n, 3): token, loss mask, conversation start; the same interface as ShardWriter, so the
+    splitters route whole windows of them. Both shard sets break at the same token counts.
+    """
+
+    def __init__(self, directory: Path, dtype, shard_tokens: int):
+        self.ids = ShardWriter(directory, dtype, shard_tokens)
+        self.mask = ShardWriter(directory / MASK_DIR, np.uint8, shard_tokens)
+        self.conversations = self.trained = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.ids.tokens
+
+    def add(self, rows: np.ndarray, documents: int, nbytes: int) -> None:
+        self.ids.add(rows[:, 0].astype(self.ids.dtype), documents, nbytes)
+        self.mask.add(rows[:, 1].astype(np.uint8), documents, 0)
+        self.conversations += int(rows[:, 2].sum())
+        self.trained += int(rows[:, 1].sum())
+
+    def close(self) -> dict:
+        """The split's manifest entry: ShardWriter's, `documents` counting conversations, plus `windows` and
+        `loss_mask` (its shards and the number of trained tokens)."""
+        entry, masks = self.ids.close(), self.mask.close()
+        entry.update(documents=self.conversations, windows=masks["documents"],
+                     loss_mask={"dir": MASK_DIR, "trained_tokens": self.trained, "shards": masks["shards"]})
+        return entry
 
 
 def _documents_within(starts: np.ndarray, budget: int) -> int:

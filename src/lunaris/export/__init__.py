@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from lunaris.data.chat_template import END, template_text
 from lunaris.data.tokenizer import end_of_text_id, find_tokenizer, load_tokenizer
 from lunaris.errors import LunarisError
 from lunaris.export.gguf import GGUF_FILE, check_gguf, export_gguf, write_gguf
@@ -74,7 +75,10 @@ def export_checkpoint(checkpoint, out_dir, tokenizer=None, fmt: str = "auto", dt
     if gguf is not None:
         check_gguf(config, gguf, "--gguf")  # a model llama.cpp cannot run fails before anything is written
     tokenizer_path = find_tokenizer(checkpoint, tokenizer)
-    eos = end_of_text_id(load_tokenizer(tokenizer_path, config.vocab_size))
+    loaded = load_tokenizer(tokenizer_path, config.vocab_size)
+    eos = end_of_text_id(loaded)
+    template = template_text(tokenizer_path)  # a chat model's: its replies end with <|end|>
+    reply_end = loaded.token_to_id(END) if template is not None else None
     torch_dtype, dtype_name = DTYPE_NAMES[dtype]
     tensors, hf_config = hf_weights_and_config(model, fmt, eos, dtype_name)
 
@@ -84,8 +88,8 @@ def export_checkpoint(checkpoint, out_dir, tokenizer=None, fmt: str = "auto", dt
     try:
         save_safetensors(tensors, temp / "model.safetensors", torch_dtype)
         write_json(temp / "config.json", hf_config)
-        write_json(temp / "generation_config.json", generation_config(eos))
-        write_tokenizer_files(temp, tokenizer_path, eos, config.max_seq_len)
+        write_json(temp / "generation_config.json", generation_config(eos, reply_end))
+        write_tokenizer_files(temp, tokenizer_path, eos, config.max_seq_len, template)
         if gguf is not None:
             write_gguf(model, tokenizer_path, temp / GGUF_FILE, gguf, name=out_dir.name)
         if fmt == "lunaris":
@@ -154,9 +158,11 @@ def lunaris_config(config, eos, dtype_name: str) -> dict:
     }
 
 
-def generation_config(eos) -> dict:
+def generation_config(eos, reply_end=None) -> dict:
+    """generate()'s defaults: stop at end-of-text, and for a chat model also at the end of a reply (<|end|>)."""
     # pad = eos: pre-training has no padding token, and generate() warns when pad is unset
-    return {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos}
+    stop = eos if reply_end is None else [eos, reply_end]
+    return {"bos_token_id": eos, "eos_token_id": stop, "pad_token_id": eos}
 
 
 def save_safetensors(tensors: dict, path: Path, dtype: torch.dtype) -> None:
@@ -172,8 +178,10 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def write_tokenizer_files(directory: Path, tokenizer_path: Path, eos, max_seq_len: int) -> None:
-    """tokenizer.json (as trained), tokenizer_config.json and special_tokens_map.json for AutoTokenizer."""
+def write_tokenizer_files(directory: Path, tokenizer_path: Path, eos, max_seq_len: int, chat_template=None) -> None:
+    """tokenizer.json (as trained), tokenizer_config.json and special_tokens_map.json for AutoTokenizer; a chat
+    model's template (the Jinja text beside its tokenizer, the one its data was rendered with) goes into
+    tokenizer_config.json, where `apply_chat_template` and llama.cpp's converter read it."""
     shutil.copyfile(tokenizer_path, directory / "tokenizer.json")
     special = {"bos_token": END_OF_TEXT, "eos_token": END_OF_TEXT, "unk_token": END_OF_TEXT} if eos is not None else {}
     write_json(directory / "special_tokens_map.json", special)
@@ -182,4 +190,5 @@ def write_tokenizer_files(directory: Path, tokenizer_path: Path, eos, max_seq_le
         "model_max_length": max_seq_len,
         "clean_up_tokenization_spaces": False,  # decode exactly as the `tokenizers` library does
         **special,
+        **({"chat_template": chat_template} if chat_template is not None else {}),
     })

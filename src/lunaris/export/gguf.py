@@ -20,6 +20,7 @@ import json
 import os
 from pathlib import Path
 
+from lunaris.data.chat_template import template_text
 from lunaris.data.tokenizer import end_of_text_id, find_tokenizer, load_tokenizer
 from lunaris.errors import LunarisError
 from lunaris.export.llama import llama_compatible, llama_state_dict, qwen3_compatible, qwen3_state_dict
@@ -261,12 +262,5 @@ def _is_byte_level(step: dict, use_regex: bool) -> bool:
 
 def chat_template(tokenizer_path: Path):
     """`chat_template` of the tokenizer_config.json beside tokenizer.json (a string or a list of named
-    templates), or None."""
-    config = tokenizer_path.parent / "tokenizer_config.json"
-    if not config.is_file():
-        return None
-    try:
-        return json.loads(config.read_text(encoding="utf-8")).get("chat_template")
-    except (ValueError, AttributeError) as exc:
-        raise LunarisError(f"{config} cannot be read as JSON ({exc}); fix or remove it (Lunaris reads only its "
-                           f"chat_template, for the GGUF file).") from None
+    templates), or None: read as every command reads it (lunaris.data.chat_template)."""
+    return template_text(tokenizer_path)

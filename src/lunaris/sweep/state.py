@@ -27,7 +27,7 @@ COMPARED = {"data_dir", "val_data_dir", "optimizer", "learning_rate", "muon_lr",
             "decay_fraction", "min_lr", "weight_decay", "beta1", "beta2", "router_lr_scale", "warmup_steps",
             "max_steps", "batch_size", "gradient_accumulation_steps", "grad_clip", "compile_model", "device", "dtype",
             "parallelism", "seed", "max_bad_steps", "peak_flops", "muon_ns_coefficients", "muon_lr_scaling",
-            "embedding_lr", "lm_head_lr", "scalar_lr", "max_train_seconds"}
+            "embedding_lr", "lm_head_lr", "scalar_lr", "max_train_seconds", "init_from"}
 SCHEDULE = {"max_steps", "warmup_steps"}  # unknown before a seconds budget is calibrated
 
 

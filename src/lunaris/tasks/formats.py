@@ -14,7 +14,7 @@ layout of a JSONL file is recognized from the fields of its first row, by the en
 (HellaSwag's text cleaned as lm-eval cleans it; PIQA's original release keeps its labels in valid-labels.lst.)
 A new layout is one more `Layout` entry in LAYOUTS. Anything else is described by a small YAML file that maps
 fields (see `TaskFile`). A task built into Lunaris is named instead of a file (BUILTIN_TASKS: `python_next_line`,
-whose older name `embedded` still works).
+whose older name `embedded` still works, and `python_docstring`).
 """
 
 import json
@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import yaml
 
 from lunaris.errors import LunarisError
-from lunaris.tasks import embedded
+from lunaris.tasks import docstring, embedded
 from lunaris.tasks.types import CLOZE, MULTIPLE_CHOICE, Example, Task
 from lunaris.taskspec import (  # the entry grammar lives below the config; its names stay importable here
     EMBEDDED,
@@ -44,7 +44,8 @@ __all__ = ["BUILTIN_TASKS", "CLOZE", "EMBEDDED", "EMBEDDED_NAME", "LAYOUTS", "Ex
            "spec_problems"]
 
 assert EMBEDDED_NAME == embedded.NAME    # `embedded` is the older name of the built-in task, kept as an alias
-BUILTIN_TASKS = {embedded.NAME: embedded.embedded_task}   # name -> the function that builds the task
+# name -> the function that builds the task
+BUILTIN_TASKS = {embedded.NAME: embedded.embedded_task, docstring.NAME: docstring.docstring_task}
 
 
 # ---- reading a task ---------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Held-out loss, written once: the trainer's periodic evaluation and `lunaris eval` both sum it here; and the
 trainer's downstream tasks (`eval_tasks`, scored by lunaris.tasks).
 
-The loss is the mean cross-entropy over every evaluated target token (targets -1 excluded), in nats, with MoC
-layers dropless (eval mode) and without auxiliary losses.
+The loss is the mean cross-entropy over every evaluated target token (targets -1 excluded, and with a loss mask
+only the trained targets: the assistant's tokens of fine-tuning data), in nats, with MoC layers dropless (eval
+mode) and without auxiliary losses.
 """
 
 import math
@@ -19,11 +20,13 @@ from lunaris.runtime import autocast
 from lunaris.tasks import encode_task, evaluate_tasks, load_task, parse_specs
 from lunaris.tasks.scoring import token_encoder
 from lunaris.train.distributed import all_reduce_sum
+from lunaris.train.step import loss_targets
 
 
 @torch.no_grad()
 def held_out_sums(model, batches, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """[cross-entropy sum in nats, target tokens, batches] over `batches` of (x, y), each (B, T); float64 on device.
+    """[cross-entropy sum in nats, target tokens, batches] over `batches` of (x, y) or (x, y, mask), each (B, T);
+    float64 on device. A loss mask leaves its untrained targets out, as training does (step.loss_targets).
 
     Sums, not means, so ranks and batches of different sizes combine exactly (all-reduce, then divide).
     The model runs in eval mode and its previous mode is restored.
@@ -32,8 +35,8 @@ def held_out_sums(model, batches, device: torch.device, dtype: torch.dtype = tor
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     try:
-        for x, y in batches:
-            x, y = x.to(device), y.to(device)                      # (B, T) each
+        for batch in batches:
+            x, y = (t.to(device) for t in loss_targets(batch))     # (B, T) each
             with autocast(device, dtype):
                 logits = model(x).logits                           # (B, T, vocab)
             nats = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1, reduction="sum")

@@ -238,10 +238,15 @@ def write_run_files(trainer) -> None:
     with run_file(out_dir / "run_info.json"):
         atomic_write_json(out_dir / "run_info.json", run_info)
     from lunaris.data import tokenizer_path
+    from lunaris.data.chat_template import CONFIG_NAME
     tokenizer = tokenizer_path(cfg.data_dir)
     if tokenizer is not None and not (out_dir / "tokenizer.json").exists():
         with run_file(out_dir / "tokenizer.json"):
             atomic_write_text(out_dir / "tokenizer.json", Path(tokenizer).read_text(encoding="utf-8"))
+        template = Path(tokenizer).parent / CONFIG_NAME  # the chat template belongs to the tokenizer
+        if template.is_file():
+            with run_file(out_dir / CONFIG_NAME):
+                atomic_write_text(out_dir / CONFIG_NAME, template.read_text(encoding="utf-8"))
 
 
 # Passes over the training data above which a run is warned: small corpora overfit (the validation loss rises while
@@ -258,6 +263,8 @@ def banner(trainer) -> list:
     start = (f"resuming from {trainer.resumed_from} at step {trainer.step}" if trainer.resumed_from
              else "starting at step 0")
     budget = f" or {cfg.max_train_seconds:g} s of training" if cfg.max_train_seconds else ""  # whichever comes first
+    if getattr(trainer, "initialized_from", None):
+        start += f" from {trainer.initialized_from}"
     lines = [f"lunaris train: {trainer.num_params / 1e6:.2f}M parameters, {trainer.tokens_per_step:,} tokens/step "
              f"({cfg.batch_size} x {trainer.seq_len} x accum {cfg.gradient_accumulation_steps} x {info.world_size} "
              f"proc), {where}, {DTYPE_NAMES[trainer.dtype]}, {mode}; {start} of {cfg.max_steps}{budget}; writing to "

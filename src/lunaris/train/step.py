@@ -4,6 +4,12 @@ The trainer composes these pieces with its collectives in between (loss mean ove
 `train_step` composes them for one process, as the demo's step-time calibration, `lunaris selftest` and the
 benchmark run them. Both do exactly the same arithmetic.
 
+Fine-tuning data carries a loss mask beside its tokens (batches `(x, y, mask)`, see lunaris.data.shards): it
+multiplies the per-token loss, so only the assistant's tokens are learned. A mask is 0 or 1, and a target multiplied
+by 0 is a target the loss ignores: `loss_targets` turns those into -1, which the model's cross-entropy (and the
+held-out loss) skip, so the same model call serves compiled, DDP, FSDP and MoC runs. Micro-batches are weighted
+by their trained tokens, over the whole step and, with a mask, over every rank (see `micro_batch_weights`).
+
 Whatever a model needs around the step is the model's own: its `training_hooks()` run before the step's first
 micro-batch and right after the update (MoC's auxiliary-loss-free balancing is one), and on log steps its
 `analysis()` is open around the forward and backward passes and adds its metrics (the IRL probe). Nothing here
@@ -27,11 +33,30 @@ class StepLosses(NamedTuple):
     metrics: dict           # the model's metrics of the last micro-batch (detached tensors)
 
 
-def micro_batch_weights(micro_batches: list) -> list:
-    """Each micro-batch's share of the step's target tokens (targets -1 are ignored); counted on the CPU."""
+def loss_targets(batch) -> tuple:
+    """(x, y) of a batch (x, y), or of (x, y, mask) with every target whose mask is 0 set to -1 (ignored): the
+    per-token loss multiplied by the mask. x, y (B, T) int64, mask (B, T) bool."""
+    if len(batch) == 2:
+        return batch
+    x, y, mask = batch
+    return x, y.masked_fill(~mask.to(torch.bool), -1)
+
+
+def micro_batch_weights(micro_batches: list, reduce_sum=None, device=None) -> list:
+    """Each micro-batch's share of the step's target tokens (targets -1 are ignored); counted on the CPU.
+
+    Without `reduce_sum`, the share of this process's tokens: every rank holds as many targets (but for the padded
+    end of the stream), so the mean over ranks that the gradient all-reduce takes is the token mean. With a loss
+    mask the ranks hold different numbers of trained tokens: `reduce_sum` (a sum over ranks) gives the step's total
+    T and the number of ranks W, and a micro-batch of n trained tokens weighs n·W/T, so that after the ranks'
+    mean every trained token of the step weighs the same (one small all-reduce per step).
+    """
     counts = [int((y != -1).sum()) for _, y in micro_batches]
-    total = max(sum(counts), 1)
-    return [count / total for count in counts]
+    if reduce_sum is None:
+        total = max(sum(counts), 1)
+        return [count / total for count in counts]
+    total, ranks = reduce_sum(torch.tensor([float(sum(counts)), 1.0], dtype=torch.float64, device=device)).tolist()
+    return [count * ranks / max(total, 1.0) for count in counts]
 
 
 def forward_backward(model, x, y, weight: float, accumulation: int, dtype: torch.dtype, scaler=None):
@@ -48,15 +73,18 @@ def forward_backward(model, x, y, weight: float, accumulation: int, dtype: torch
 
 
 def accumulate(model, micro_batches: list, device: torch.device, dtype: torch.dtype, scaler=None,
-               sync_context=None, analysis=None) -> StepLosses:
-    """forward_backward over every micro-batch [(x, y), ...] of one step (each (B, T) int64).
+               sync_context=None, analysis=None, reduce_sum=all_reduce_sum) -> StepLosses:
+    """forward_backward over every micro-batch [(x, y) or (x, y, mask), ...] of one step (each (B, T)).
 
     `sync_context(is_last)` wraps each micro-batch (DDP skips the gradient all-reduce on all but the last).
     `analysis` (the trainer's log steps: the model's `analysis()`) is a context manager open around every
     micro-batch; what it yields adds `metrics(loss_scale)` to the step's metrics once the backward passes are done
     (for IRL: the update cosines of the last micro-batch and the gradient norms of the states over the whole step).
+    `reduce_sum` sums over the run's processes, for the token weights of masked batches (every rank calls it).
     """
-    weights = micro_batch_weights(micro_batches)
+    masked = any(len(batch) > 2 for batch in micro_batches)
+    micro_batches = [loss_targets(batch) for batch in micro_batches]
+    weights = micro_batch_weights(micro_batches, reduce_sum if masked else None, device)
     main = torch.zeros((), device=device)
     aux = torch.zeros((), device=device)
     out = None

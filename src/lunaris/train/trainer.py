@@ -48,6 +48,7 @@ from lunaris.train.distributed import (
     wrap_ddp,
 )
 from lunaris.train.evaluation import TaskEvaluator, held_out_sums, loss_and_perplexity, rank_batches, safe_exp
+from lunaris.train.init_from import load_initial_weights
 from lunaris.train.logging import RunLogger, banner, import_tensorboard, import_wandb, write_run_files
 from lunaris.train.optim import apply_lr, build_optimizer, load_state_only, lr_at
 from lunaris.train.signals import StopSignals
@@ -104,6 +105,7 @@ class Trainer:
             # after the checkpoint is read: resumed on another number of processes, the accumulation may change
             self.tokens_per_step = cfg.batch_size * self.seq_len * cfg.gradient_accumulation_steps * info.world_size
             self.resumed_from = self.checkpointer.resume_path if saved is not None else None
+            self.initialized_from = None  # init_from: what the weights came from (a line of the banner)
             torch.manual_seed(cfg.seed)  # identical initialization on every rank (FSDP shards assume it)
             model = LunarisCodex(cfg.model)
             self.flops_per_token, self.num_params = model.flops_per_token(self.seq_len), model.num_params()
@@ -144,11 +146,13 @@ class Trainer:
         Returns (train_dir, val_dir, tasks, the checkpoint state to resume from or None).
         """
         from lunaris.data import check_vocab, resolve_data_dirs
+        from lunaris.data.packing import check_windows
         cfg, info = self.config, self.info
         error, found = None, (None, None, None, None)
         try:
             train_dir, val_dir = resolve_data_dirs(cfg.data_dir, cfg.val_data_dir)
             self._fill_document_separator(train_dir)  # before the resume check, which compares model configs
+            check_windows(train_dir, cfg.model)       # conversations: never cut, never seen together
             for directory in (train_dir, val_dir):
                 if directory is not None:
                     check_vocab(directory, cfg.model.vocab_size)
@@ -185,9 +189,13 @@ class Trainer:
         model.document_separator_id = int(manifest["eot_id"])
 
     def _place(self, model: LunarisCodex, saved: Optional[dict]) -> LunarisCodex:
-        """The checkpoint's weights (if resuming), then FSDP sharding or the move to this process's device."""
+        """The checkpoint's weights (if resuming; else init_from's), then FSDP sharding or the move to this
+        process's device."""
         if saved is not None:
             self.checkpointer.restore_model(model, saved)
+        elif self.config.init_from:
+            from lunaris.data import tokenizer_path
+            self.initialized_from = load_initial_weights(model, self.config.init_from, tokenizer_path(self.train_dir))
         if self.fsdp:
             apply_fsdp(model, self.info)
         else:
