@@ -1,0 +1,141 @@
+"""Will a config's training fit a device, and how fast will it go: memory per process for one process, DDP or FSDP
+at N processes, with and without gradient checkpointing; the largest micro-batch that fits; step time at a stated MFU.
+
+The parts are traced on the model itself (memory.py); this file only lays them out per process:
+
+- one process or DDP: everything replicated; DDP also keeps its gradient buckets (torch's default
+  gradient_as_bucket_view=False: a second copy of the gradients, for the all-reduce);
+- FSDP (FSDP2, `fully_shard` per block then the root): parameters, gradients and optimizer state sharded 1/N (dim 0,
+  padded), plus what is unsharded at a time: the root's parameters (embedding, LM head: not resharded between
+  forward and backward) and its gradients (reduce-scattered last), and two blocks' parameters and gradients (the
+  block computing and the one being all-gathered ahead or reduce-scattered behind).
+
+A step's peak is the most alive at once: parameters and optimizer state, plus the worst moment of the forward and
+backward passes (activations shrink as gradients grow) or of the optimizer step. A config fits when that peak plus
+MARGIN, plus CUDA_RESERVE on a GPU, is at most the device's memory. `lunaris plan` prints all of it; `lunaris train`
+prints one line and warns before step 1 when its config will not fit the device it is on.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from lunaris.config import TrainConfig
+from lunaris.train.memory import FakeTrainer, optimizer_memory, sharded_share
+
+MARGIN = 0.10                   # the caching allocator's fragmentation: memory it holds beyond the live tensors
+CUDA_RESERVE = 1 << 30          # the CUDA context, cuBLAS and NCCL workspaces: GPU memory no tensor gets
+DEFAULT_MFU = 0.40              # model FLOPs utilization of a well-fed GPU in bf16 (Lunaris's benchmark, PaLM)
+RECOMPUTE = 8 / 6               # gradient checkpointing runs each block's forward twice: 8 instead of 6 FLOPs/param
+GIB = 1 << 30
+
+
+@dataclass
+class Layout:
+    parallelism: str            # "single", "ddp" or "fsdp"
+    world_size: int
+    checkpointing: bool
+
+    @property
+    def name(self) -> str:
+        base = {"single": "1 process", "ddp": "DDP", "fsdp": "FSDP"}[self.parallelism]
+        return base + (" + ckpt" if self.checkpointing else "")
+
+
+@dataclass
+class RankMemory:
+    """Memory of one process in bytes: its parts (`rows`, which are never all alive at once) and the step's peak."""
+
+    layout: Layout
+    batch_size: int
+    rows: dict
+    peak: int
+
+
+def needed(peak: int, on_gpu: bool) -> int:
+    """The device memory a step with this peak needs: the margin, and on a GPU the CUDA reserve."""
+    return int(peak * (1 + MARGIN) + (CUDA_RESERVE if on_gpu else 0))
+
+
+class Estimator:
+    """The traced memory of a config's training step, laid out for any layout and micro-batch size.
+
+    `device` is where the step is traced (this machine's GPU for a run on it, else the CPU), `dtype` the autocast
+    precision of the run. Traces are made on first use and kept.
+    """
+
+    def __init__(self, config: TrainConfig, device: torch.device, dtype: torch.dtype):
+        self.config, self.device, self.dtype = config, device, dtype
+        self._fake: Optional[FakeTrainer] = None
+        self._steps: dict = {}
+        self._optimizer = None
+
+    @property
+    def fake(self) -> FakeTrainer:
+        if self._fake is None:
+            self._fake = FakeTrainer(self.config, self.device, self.dtype)
+        return self._fake
+
+    @property
+    def model(self):
+        return self.fake.memory
+
+    @property
+    def optimizer(self):
+        if self._optimizer is None:
+            self._optimizer = optimizer_memory(self.config)
+        return self._optimizer
+
+    def step(self, batch_size: int, checkpointing: bool):
+        key = (batch_size, checkpointing)
+        if key not in self._steps:
+            self._steps[key] = self.fake.step(batch_size, checkpointing)
+        return self._steps[key]
+
+    def rank(self, layout: Layout, batch_size: int) -> RankMemory:
+        """One process's memory at `batch_size` sequences per micro-batch."""
+        model, optimizer = self.model, self.optimizer
+        step = self.step(batch_size, layout.checkpointing)
+        fsdp = layout.parallelism == "fsdp" and layout.world_size > 1
+        share = sharded_share(model, layout.world_size) if fsdp else 1.0
+        rows = {"parameters": model.params * share, "gradients": model.trainable * share,
+                "optimizer state": optimizer.state * share, "buffers": model.buffers}
+        if layout.parallelism == "ddp" and layout.world_size > 1:
+            rows["DDP gradient buckets"] = model.trainable
+        if fsdp:  # unsharded while in use: the root throughout, two blocks at a time
+            rows["FSDP unsharded in flight"] = 2 * model.root_params + 4 * model.largest_block
+        rows["activations"] = step.activations
+        rows["of which logits"] = step.logits
+        accumulating = self.config.gradient_accumulation_steps > 1
+        persistent = (rows["parameters"] + rows["optimizer state"] + model.buffers
+                      + rows.get("DDP gradient buckets", 0) + rows.get("FSDP unsharded in flight", 0))
+        worst = max(step.peak(share, accumulating), rows["gradients"] + optimizer.step_peak)
+        return RankMemory(layout, batch_size, {k: int(v) for k, v in rows.items()}, int(persistent + worst))
+
+    def largest_batch(self, layout: Layout, capacity: int, on_gpu: bool) -> int:
+        """The largest batch_size whose step fits `capacity` bytes (0: not even one sequence). The peak grows
+        linearly with the batch (every activation has a batch dimension): traced at B and 2B, solved for the line."""
+        b = self.config.batch_size
+        low, high = self.rank(layout, b).peak, self.rank(layout, 2 * b).peak
+        per_sequence = (high - low) / b
+        budget = (capacity - (CUDA_RESERVE if on_gpu else 0)) / (1 + MARGIN)
+        if per_sequence <= 0:
+            return b if budget >= low else 0
+        return max(0, math.floor(b + (budget - low) / per_sequence))
+
+
+def flops_per_token(config: TrainConfig) -> float:
+    from lunaris.model import build_on_meta
+    return build_on_meta(config.model).flops_per_token(config.model.max_seq_len)
+
+
+def step_time(config: TrainConfig, world_size: int, peak_flops: float, mfu: float, checkpointing: bool,
+              flops: float) -> dict:
+    """Seconds per optimizer step and tokens/s (all processes, and per device) at `mfu` of `peak_flops` per device,
+    from the model's training FLOPs per token (`flops`); checkpointing recomputes each block's forward."""
+    tokens = config.batch_size * config.model.max_seq_len * config.gradient_accumulation_steps * world_size
+    per_device = mfu * peak_flops / (flops * (RECOMPUTE if checkpointing else 1.0))
+    return {"tokens_per_step": tokens, "tokens_per_sec": per_device * world_size,
+            "tokens_per_sec_per_device": per_device, "step_seconds": tokens / (per_device * world_size)}
