@@ -16,14 +16,15 @@ MARGIN, plus CUDA_RESERVE on a GPU, is at most the device's memory. `lunaris pla
 prints one line and warns before step 1 when its config will not fit the device it is on.
 """
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
 from lunaris.config import TrainConfig
-from lunaris.train.memory import FakeTrainer, optimizer_memory, sharded_share
+from lunaris.model import build_on_meta
+from lunaris.train.memory import FakeTrainer, OptimizerMemory, model_memory, optimizer_memory, sharded_share
 
 MARGIN = 0.10                   # the caching allocator's fragmentation: memory it holds beyond the live tensors
 CUDA_RESERVE = 1 << 30          # the CUDA context, cuBLAS and NCCL workspaces: GPU memory no tensor gets
@@ -63,35 +64,52 @@ class Estimator:
     """The traced memory of a config's training step, laid out for any layout and micro-batch size.
 
     `device` is where the step is traced (this machine's GPU for a run on it, else the CPU), `dtype` the autocast
-    precision of the run. Traces are made on first use and kept.
+    precision of the run. Parameter counts and FSDP units come from the whole model built on the meta device. The
+    step and the optimizer are traced on the model cut to one and two periods of its blocks (a period: one block of
+    a dense model, `moc_every` blocks of a MoC model; plus the dense blocks after the last MoC one) and extrapolated
+    linearly to its depth: every period adds the same activations, gradients and optimizer state, and a trace costs
+    time per operation, so a deep model is planned as fast as a shallow one. Traces are made on first use and kept.
     """
 
     def __init__(self, config: TrainConfig, device: torch.device, dtype: torch.dtype):
         self.config, self.device, self.dtype = config, device, dtype
-        self._fake: Optional[FakeTrainer] = None
+        self.model = model_memory(build_on_meta(config.model))
+        period = config.model.moc_every if config.model.is_moc else 1
+        n_layers = config.model.n_layers
+        rest = n_layers % period                    # dense blocks after the last MoC block
+        self.depths = (period + rest, 2 * period + rest) if n_layers > 2 * period + rest else (n_layers,)
+        self.periods = n_layers // period           # how many times the second trace's extra blocks repeat
+        self._fakes: dict = {}
         self._steps: dict = {}
         self._optimizer = None
 
-    @property
-    def fake(self) -> FakeTrainer:
-        if self._fake is None:
-            self._fake = FakeTrainer(self.config, self.device, self.dtype)
-        return self._fake
+    def _extrapolate(self, values: list) -> float:
+        """A quantity traced at `depths` (one value each), at the model's depth."""
+        if len(values) == 1:
+            return values[0]
+        return values[0] + (self.periods - 1) * (values[1] - values[0])
+
+    def _config_at(self, depth: int) -> TrainConfig:
+        return dataclasses.replace(self.config, model=dataclasses.replace(self.config.model, n_layers=depth))
 
     @property
-    def model(self):
-        return self.fake.memory
-
-    @property
-    def optimizer(self):
+    def optimizer(self) -> OptimizerMemory:
         if self._optimizer is None:
-            self._optimizer = optimizer_memory(self.config)
+            traced = [optimizer_memory(self._config_at(depth)) for depth in self.depths]
+            # the state grows with the blocks; a step's temporaries are those of its largest parameter(s)
+            self._optimizer = OptimizerMemory(self.config.optimizer, int(self._extrapolate([t.state for t in traced])),
+                                              max(t.step_peak for t in traced))
         return self._optimizer
 
-    def step(self, batch_size: int, checkpointing: bool):
+    def step(self, batch_size: int, checkpointing: bool) -> "DeepStep":
         key = (batch_size, checkpointing)
         if key not in self._steps:
-            self._steps[key] = self.fake.step(batch_size, checkpointing)
+            traced = []
+            for depth in self.depths:
+                if depth not in self._fakes:
+                    self._fakes[depth] = FakeTrainer(self._config_at(depth), self.device, self.dtype)
+                traced.append(self._fakes[depth].step(batch_size, checkpointing))
+            self._steps[key] = DeepStep(traced, self._extrapolate)
         return self._steps[key]
 
     def rank(self, layout: Layout, batch_size: int) -> RankMemory:
@@ -126,8 +144,19 @@ class Estimator:
         return max(0, math.floor(b + (budget - low) / per_sequence))
 
 
+class DeepStep:
+    """A micro-batch's step memory at the model's depth, from the traces at the estimator's depths."""
+
+    def __init__(self, traced: list, extrapolate):
+        self.traced, self.extrapolate = traced, extrapolate
+        self.activations = int(extrapolate([s.activations for s in traced]))
+        self.logits = traced[-1].logits       # one LM head whatever the depth
+
+    def peak(self, grad_share: float, accumulating: bool) -> int:
+        return int(self.extrapolate([s.peak(grad_share, accumulating) for s in self.traced]))
+
+
 def flops_per_token(config: TrainConfig) -> float:
-    from lunaris.model import build_on_meta
     return build_on_meta(config.model).flops_per_token(config.model.max_seq_len)
 
 
