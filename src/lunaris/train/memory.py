@@ -140,6 +140,7 @@ class ModelMemory:
     """What the model itself holds, in bytes: fp32 parameters (master weights), buffers, and how they split into
     FSDP units (each block, and the root: embedding, final norm, LM head)."""
 
+    count: int                  # parameters (numbers)
     params: int
     buffers: int
     trainable: int              # parameters that get a gradient
@@ -295,6 +296,7 @@ def model_memory(model: torch.nn.Module) -> ModelMemory:
     nbytes = {id(p): p.numel() * p.element_size() for p in params}
     blocks = [sum(nbytes[id(p)] for p in block.parameters()) for block in model.blocks]
     return ModelMemory(
+        count=sum(p.numel() for p in params),
         params=sum(nbytes.values()),
         buffers=sum(b.numel() * b.element_size() for b in model.buffers()),
         trainable=sum(nbytes[id(p)] for p in params if p.requires_grad),

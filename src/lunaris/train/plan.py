@@ -17,13 +17,28 @@ prints one line and warns before step 1 when its config will not fit the device 
 """
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
-from lunaris.config import TrainConfig
+from lunaris.config import TrainConfig, load_config
+from lunaris.errors import LunarisError
 from lunaris.model import build_on_meta
+from lunaris.runtime import (
+    DTYPE_NAMES,
+    GPU_MEMORY_GIB,
+    GPUS_WITHOUT_BF16,
+    device_memory,
+    device_name,
+    find_gpu,
+    peak_flops_for_name,
+    peak_flops_per_device,
+    resolve_device,
+    resolve_dtype,
+)
 from lunaris.train.memory import FakeTrainer, OptimizerMemory, model_memory, optimizer_memory, sharded_share
 
 MARGIN = 0.10                   # the caching allocator's fragmentation: memory it holds beyond the live tensors
@@ -168,3 +183,142 @@ def step_time(config: TrainConfig, world_size: int, peak_flops: float, mfu: floa
     per_device = mfu * peak_flops / (flops * (RECOMPUTE if checkpointing else 1.0))
     return {"tokens_per_step": tokens, "tokens_per_sec": per_device * world_size,
             "tokens_per_sec_per_device": per_device, "step_seconds": tokens / (per_device * world_size)}
+
+
+# ---- where the run goes ----------------------------------------------------------------------------
+
+@dataclass
+class Target:
+    """The device a plan is for: its name, memory per device (bytes; None: unknown), datasheet peak FLOP/s (None:
+    unknown), where the step is traced, and the run's precision."""
+
+    name: str
+    capacity: Optional[int]
+    on_gpu: bool
+    peak_flops: Optional[float]
+    trace_device: torch.device
+    dtype: torch.dtype
+
+
+def gpu_target(config: TrainConfig, gpu: Optional[str], gpu_memory: Optional[float]) -> Target:
+    """A GPU this machine may not have, by name (`--gpu h100`) and/or memory (`--gpu-memory 80`, GiB)."""
+    key = find_gpu(gpu) if gpu else None
+    if gpu and key is None and gpu_memory is None:
+        known = ", ".join(name for name, _ in GPU_MEMORY_GIB)
+        raise LunarisError(f"--gpu {gpu!r} is not a GPU lunaris plan knows ({known}). Give its memory instead with "
+                           f"--gpu-memory GiB (and its bf16 peak FLOP/s with --peak_flops=... for a step time).")
+    gib = gpu_memory if gpu_memory is not None else dict(GPU_MEMORY_GIB)[key]
+    no_bf16 = key in GPUS_WITHOUT_BF16
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        config.dtype, torch.float16 if no_bf16 else torch.bfloat16)
+    trace = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    name = key or gpu or f"a GPU with {gib:g} GiB"
+    return Target(name, int(gib * GIB), True, config.peak_flops or (peak_flops_for_name(key) if key else None),
+                  trace, dtype)
+
+
+def local_target(config: TrainConfig) -> Target:
+    """This machine's device as the config picks it (`device`), with the memory free on it now."""
+    device = resolve_device(config.device)
+    memory = device_memory(device)
+    return Target(device_name(device), memory[0] if memory else None, device.type == "cuda",
+                  peak_flops_per_device(device, config.peak_flops), device, resolve_dtype(config.dtype, device))
+
+
+def estimator_for(config: TrainConfig, target: Target) -> Estimator:
+    """The config's estimator on `target` (fp16 is traced as bf16 on a CPU: same sizes, and CPU autocast is bf16)."""
+    cpu_fp16 = target.trace_device.type == "cpu" and target.dtype == torch.float16
+    return Estimator(config, target.trace_device, torch.bfloat16 if cpu_fp16 else target.dtype)
+
+
+def layouts(config: TrainConfig, gpus: int) -> list:
+    """The layouts a plan compares: one process, or DDP and FSDP at `gpus`; each without and with checkpointing,
+    the config's own first."""
+    kinds = ["single"] if gpus == 1 else sorted(("ddp", "fsdp"), key=lambda kind: kind != config.parallelism)
+    own = config.model.use_gradient_checkpointing
+    return [Layout(kind, gpus, ckpt) for kind in kinds for ckpt in (own, not own)]
+
+
+def plan(config: TrainConfig, target: Target, gpus: int, mfu: float = DEFAULT_MFU) -> dict:
+    """Memory per process and step time of every layout on `gpus` x `target` (the JSON `lunaris plan --json`
+    prints; the text is `format_plan` of it)."""
+    estimator = estimator_for(config, target)
+    flops = flops_per_token(config)
+    rows = []
+    for layout in layouts(config, gpus):
+        memory = estimator.rank(layout, config.batch_size)
+        row = {"layout": layout.name, "parallelism": layout.parallelism, "checkpointing": layout.checkpointing,
+               "memory": memory.rows, "peak": memory.peak, "needed": needed(memory.peak, target.on_gpu)}
+        if target.capacity is not None:
+            row["fits"] = row["needed"] <= target.capacity
+            row["largest_batch_size"] = estimator.largest_batch(layout, target.capacity, target.on_gpu)
+        if target.peak_flops:
+            row.update(step_time(config, gpus, target.peak_flops, mfu, layout.checkpointing, flops))
+        rows.append(row)
+    return {"parameters": estimator.model.count, "batch_size": config.batch_size,
+            "seq_len": config.model.max_seq_len, "gradient_accumulation_steps": config.gradient_accumulation_steps,
+            "optimizer": config.optimizer, "dtype": DTYPE_NAMES[target.dtype], "gpus": gpus,
+            "device": target.name, "device_memory": target.capacity, "peak_flops": target.peak_flops,
+            "mfu": mfu if target.peak_flops else None, "margin": MARGIN,
+            "cuda_reserve": CUDA_RESERVE if target.on_gpu else 0, "layouts": rows}
+
+
+def gib(nbytes: float) -> str:
+    return f"{nbytes / GIB:.2f}"
+
+
+def format_plan(report: dict) -> str:
+    """The plan as a table: one column per layout (the config's own first), rows in GiB per process."""
+    rows = report["layouts"]
+    first = (f"lunaris plan: {report['parameters'] / 1e6:,.2f}M parameters, batch_size {report['batch_size']} x "
+             f"{report['seq_len']} tokens x accum {report['gradient_accumulation_steps']}, {report['optimizer']}, "
+             f"{report['dtype']}, on {report['gpus']} x {report['device']}")
+    if report["device_memory"] is not None:
+        first += f" ({gib(report['device_memory'])} GiB{' free' if not report['cuda_reserve'] else ''})"
+    table = [["memory per process (GiB)"] + [row["layout"] + (" (config)" if i == 0 else "")
+                                             for i, row in enumerate(rows)]]
+    for part in rows[-1]["memory"] if report["gpus"] == 1 else _all_parts(rows):
+        indent = "    " if part.startswith("of which") else "  "
+        table.append([indent + part] + [gib(row["memory"][part]) if part in row["memory"] else "-" for row in rows])
+    table.append(["  peak of a step"] + [gib(row["peak"]) for row in rows])
+    reserve = f" + {gib(report['cuda_reserve'])} CUDA" if report["cuda_reserve"] else ""
+    table.append([f"needed (+{report['margin']:.0%} margin{reserve})"] + [gib(row["needed"]) for row in rows])
+    if report["device_memory"] is not None:
+        table.append(["fits"] + ["yes" if row["fits"] else "NO" for row in rows])
+        table.append(["largest batch_size that fits"] + [str(row["largest_batch_size"]) for row in rows])
+    if report["peak_flops"]:
+        table.append(["step time (s)"] + [f"{row['step_seconds']:.3g}" for row in rows])
+        table.append(["tokens/s (all processes)"] + [f"{row['tokens_per_sec']:,.0f}" for row in rows])
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    lines = [first] + ["  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i])
+                                 for i, cell in enumerate(line)).rstrip() for line in table]
+    return "\n".join(lines + _notes(report))
+
+
+def _all_parts(rows: list) -> list:
+    parts: list = []
+    for row in rows:
+        parts += [part for part in row["memory"] if part not in parts]
+    return sorted(parts, key=lambda part: part.startswith("of which") or part == "activations")
+
+
+def _notes(report: dict) -> list:
+    notes = ["parts are not all alive at once: the peak is the most a step holds (activations are freed as the "
+             "gradients are made)."]
+    if report["peak_flops"]:
+        notes.append(f"step time: training FLOPs per token at {report['mfu']:.0%} MFU of "
+                     f"{report['peak_flops'] / 1e12:,.0f} TFLOP/s per device (checkpointing adds a forward pass); "
+                     f"communication is assumed overlapped.")
+    else:
+        notes.append("step time: n/a (no datasheet peak FLOP/s for this device; set --peak_flops=... to estimate).")
+    return notes
+
+
+def run_plan(config_path, overrides=None, gpus: int = 1, gpu: Optional[str] = None,
+             gpu_memory: Optional[float] = None, mfu: float = DEFAULT_MFU, as_json: bool = False) -> int:
+    """`lunaris plan`: print the plan of a config file or preset (with --key=value overrides)."""
+    config = load_config(config_path, overrides)
+    target = gpu_target(config, gpu, gpu_memory) if gpu or gpu_memory else local_target(config)
+    report = plan(config, target, gpus, mfu)
+    print(json.dumps(report, indent=2) if as_json else format_plan(report))
+    return 0
