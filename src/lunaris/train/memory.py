@@ -13,6 +13,7 @@ O(T) statistics as FlashAttention; eager mode: torch.compile usually needs somew
 """
 
 import dataclasses
+import functools
 import math
 import weakref
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from lunaris.config import TrainConfig
+from lunaris.errors import LunarisError
 from lunaris.model import build_on_meta
 from lunaris.model.moc import grouped_mm_supported
 from lunaris.train import step as steps
@@ -33,6 +35,21 @@ ACTIVATION, GRADIENT, OPTIMIZER_STATE, TEMPORARY, OPTIMIZER_TEMPORARY = (
 
 class TraceUnavailable(RuntimeError):
     """The step could not run on fake tensors here (an operation without a fake kernel, an old torch)."""
+
+
+def traced(function):
+    """`function` runs the model or optimizer on fake tensors: any failure of that (not of the config) is a
+    TraceUnavailable that says what failed, for a message instead of a traceback."""
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except LunarisError:
+            raise
+        except Exception as exc:
+            raise TraceUnavailable(f"torch {torch.__version__} could not trace the training step on fake tensors: "
+                                   f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from exc
+    return run
 
 
 class LiveBytes:
@@ -182,6 +199,7 @@ def flat_tensors(tree) -> list:
 class FakeTrainer:
     """The config's model on fake tensors, its forward and backward passes run as the trainer runs them."""
 
+    @traced
     def __init__(self, config: TrainConfig, device: torch.device, dtype: torch.dtype):
         from torch._subclasses.fake_tensor import FakeTensorMode
         self.config, self.device, self.dtype = config, device, dtype
@@ -209,6 +227,7 @@ class FakeTrainer:
                         made[id(tensor)] = fake
                     table[name] = made[id(tensor)]
 
+    @traced
     def step(self, batch_size: int, checkpointing: bool) -> StepMemory:
         """Trace one micro-batch's forward and backward (the gradients are dropped afterwards)."""
         model_config = self.model.config
@@ -262,6 +281,7 @@ class _ForwardEnd:
         return record[1] <= self.clock and (record[2] is None or record[2] > self.clock)
 
 
+@traced
 def optimizer_memory(config: TrainConfig) -> OptimizerMemory:
     """Trace the first step of the config's optimizer (gradient clipping included), which creates its state: what
     it keeps is the state, the rest is what every step allocates and frees (a later step holds both at once).

@@ -39,7 +39,14 @@ from lunaris.runtime import (
     resolve_device,
     resolve_dtype,
 )
-from lunaris.train.memory import FakeTrainer, OptimizerMemory, model_memory, optimizer_memory, sharded_share
+from lunaris.train.memory import (
+    FakeTrainer,
+    OptimizerMemory,
+    TraceUnavailable,
+    model_memory,
+    optimizer_memory,
+    sharded_share,
+)
 
 MARGIN = 0.10                   # the caching allocator's fragmentation: memory it holds beyond the live tensors
 CUDA_RESERVE = 1 << 30          # the CUDA context, cuBLAS and NCCL workspaces: GPU memory no tensor gets
@@ -267,6 +274,11 @@ def gib(nbytes: float) -> str:
     return f"{nbytes / GIB:.2f}"
 
 
+def size(nbytes: float) -> str:
+    """12.74 GiB, 310.5 MiB."""
+    return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB else f"{nbytes / (1 << 20):.1f} MiB"
+
+
 def format_plan(report: dict) -> str:
     """The plan as a table: one column per layout (the config's own first), rows in GiB per process."""
     rows = report["layouts"]
@@ -319,6 +331,47 @@ def run_plan(config_path, overrides=None, gpus: int = 1, gpu: Optional[str] = No
     """`lunaris plan`: print the plan of a config file or preset (with --key=value overrides)."""
     config = load_config(config_path, overrides)
     target = gpu_target(config, gpu, gpu_memory) if gpu or gpu_memory else local_target(config)
-    report = plan(config, target, gpus, mfu)
+    try:
+        report = plan(config, target, gpus, mfu)
+    except TraceUnavailable as exc:
+        raise LunarisError(f"lunaris plan cannot estimate {config_path}: {exc}. Upgrade torch, or try the config "
+                           f"with a short run (`lunaris train CONFIG --max_steps=2`) and watch the device's "
+                           f"memory.") from None
     print(json.dumps(report, indent=2) if as_json else format_plan(report))
     return 0
+
+
+# ---- the line `lunaris train` starts with ---------------------------------------------------------------
+
+def run_memory_lines(config: TrainConfig, device: torch.device, dtype: torch.dtype, parallelism: str,
+                     world_size: int) -> list:
+    """The banner's estimate for a run on `device`: one line (this process's peak, and whether it fits what the
+    device has: free GPU memory plus what this process already holds there, or available RAM), and a warning with
+    the largest batch_size that fits when it will not. Never raises: an estimate that cannot be made is a line."""
+    traced = device if device.type in ("cuda", "cpu") else torch.device("cpu")
+    estimator = Estimator(config, traced, dtype)
+    layout = Layout(parallelism, world_size, config.model.use_gradient_checkpointing)
+    try:
+        memory = estimator.rank(layout, config.batch_size)
+    except TraceUnavailable as exc:
+        return [f"memory: no estimate ({exc})"]
+    on_gpu = device.type == "cuda"
+    rows = memory.rows
+    line = (f"memory: about {size(memory.peak)} per process at the step's peak (activations "
+            f"{size(rows['activations'])}, logits {size(rows['of which logits'])} of them), "
+            f"{size(needed(memory.peak, on_gpu))} with the margin")
+    free = device_memory(device)
+    if free is None:
+        return [line + "; the device's free memory is unknown"]
+    held = torch.cuda.memory_reserved(device) if on_gpu else estimator.model.params + estimator.model.buffers
+    capacity = free[0] + held
+    where = "free on the GPU" if on_gpu else "of RAM available"
+    if needed(memory.peak, on_gpu) <= capacity:
+        return [line + f"; {size(capacity)} {where}: fits"]
+    largest = estimator.largest_batch(layout, capacity, on_gpu)
+    advice = (f"the largest batch_size that fits is about {largest} (raise gradient_accumulation_steps to keep the "
+              f"tokens per step)" if largest else "not even batch_size 1 fits")
+    return [line + f"; {size(capacity)} {where}: does NOT fit",
+            f"warning: this run will probably run out of memory: {advice}; use_gradient_checkpointing: true or "
+            f"parallelism: fsdp (several GPUs) need less. `lunaris plan CONFIG` compares them (estimates can be "
+            f"off by 10-15%)."]
