@@ -264,7 +264,7 @@ def plan(config: TrainConfig, target: Target, gpus: int, mfu: float = DEFAULT_MF
         rows.append(row)
     return {"parameters": estimator.model.count, "batch_size": config.batch_size,
             "seq_len": config.model.max_seq_len, "gradient_accumulation_steps": config.gradient_accumulation_steps,
-            "optimizer": config.optimizer, "dtype": DTYPE_NAMES[target.dtype], "gpus": gpus,
+            "optimizer": config.optimizer, "dtype": DTYPE_NAMES[target.dtype], "gpus": gpus, "flops_per_token": flops,
             "device": target.name, "device_memory": target.capacity, "peak_flops": target.peak_flops,
             "mfu": mfu if target.peak_flops else None, "margin": MARGIN,
             "cuda_reserve": CUDA_RESERVE if target.on_gpu else 0, "layouts": rows}
