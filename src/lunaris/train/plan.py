@@ -152,6 +152,8 @@ class Estimator:
         persistent = (rows["parameters"] + rows["optimizer state"] + model.buffers
                       + rows.get("DDP gradient buckets", 0) + rows.get("FSDP unsharded in flight", 0))
         worst = max(step.peak(share, accumulating), rows["gradients"] + optimizer.step_peak)
+        # what the peak holds beyond the parts: the backward's working tensors (the logits' gradient, ...)
+        rows["temporaries at the peak"] = max(0, worst - rows["gradients"] - rows["activations"])
         return RankMemory(layout, batch_size, {k: int(v) for k, v in rows.items()}, int(persistent + worst))
 
     def largest_batch(self, layout: Layout, capacity: int, on_gpu: bool) -> int:
@@ -262,7 +264,10 @@ def plan(config: TrainConfig, target: Target, gpus: int, mfu: float = DEFAULT_MF
         if target.peak_flops:
             row.update(step_time(config, gpus, target.peak_flops, mfu, layout.checkpointing, flops))
         rows.append(row)
-    return {"parameters": estimator.model.count, "batch_size": config.batch_size,
+    kinds = sorted({layout.parallelism for layout in layouts(config, gpus)} - {"single"})
+    unsupported = [(kind.upper(), str(problem)) for kind in kinds   # the config's rules for the other parallelism
+                   for problem in dataclasses.replace(config, parallelism=kind).problems()]
+    return {"not_supported": unsupported, "parameters": estimator.model.count, "batch_size": config.batch_size,
             "seq_len": config.model.max_seq_len, "gradient_accumulation_steps": config.gradient_accumulation_steps,
             "optimizer": config.optimizer, "dtype": DTYPE_NAMES[target.dtype], "gpus": gpus, "flops_per_token": flops,
             "device": target.name, "device_memory": target.capacity, "peak_flops": target.peak_flops,
@@ -289,7 +294,7 @@ def format_plan(report: dict) -> str:
         first += f" ({gib(report['device_memory'])} GiB{' free' if not report['cuda_reserve'] else ''})"
     table = [["memory per process (GiB)"] + [row["layout"] + (" (config)" if i == 0 else "")
                                              for i, row in enumerate(rows)]]
-    for part in rows[-1]["memory"] if report["gpus"] == 1 else _all_parts(rows):
+    for part in _all_parts(rows):
         indent = "    " if part.startswith("of which") else "  "
         table.append([indent + part] + [gib(row["memory"][part]) if part in row["memory"] else "-" for row in rows])
     table.append(["  peak of a step"] + [gib(row["peak"]) for row in rows])
@@ -307,16 +312,20 @@ def format_plan(report: dict) -> str:
     return "\n".join(lines + _notes(report))
 
 
+STEP_PARTS = ("activations", "of which logits", "temporaries at the peak")   # listed last
+
+
 def _all_parts(rows: list) -> list:
     parts: list = []
     for row in rows:
         parts += [part for part in row["memory"] if part not in parts]
-    return sorted(parts, key=lambda part: part.startswith("of which") or part == "activations")
+    return [part for part in parts if part not in STEP_PARTS] + [part for part in STEP_PARTS if part in parts]
 
 
 def _notes(report: dict) -> list:
     notes = ["parts are not all alive at once: the peak is the most a step holds (activations are freed as the "
              "gradients are made)."]
+    notes += [f"{parallelism}: not with this config: {problem}" for parallelism, problem in report["not_supported"]]
     if report["peak_flops"]:
         notes.append(f"step time: training FLOPs per token at {report['mfu']:.0%} MFU of "
                      f"{report['peak_flops'] / 1e12:,.0f} TFLOP/s per device (checkpointing adds a forward pass); "
