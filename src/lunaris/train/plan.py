@@ -19,6 +19,7 @@ prints one line and warns before step 1 when its config will not fit the device 
 import dataclasses
 import json
 import math
+import textwrap
 from dataclasses import dataclass
 from typing import Optional
 
@@ -309,7 +310,7 @@ def format_plan(report: dict) -> str:
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     lines = [first] + ["  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i])
                                  for i, cell in enumerate(line)).rstrip() for line in table]
-    return "\n".join(lines + _notes(report))
+    return "\n".join(lines + [textwrap.fill(note, 116, subsequent_indent="  ") for note in _notes(report)])
 
 
 STEP_PARTS = ("activations", "of which logits", "temporaries at the peak")   # listed last
