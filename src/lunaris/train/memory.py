@@ -1,15 +1,18 @@
 """What one training step needs in memory, measured on the model itself without allocating anything.
 
 The model is built on the meta device and given fake tensors (`FakeTensorMode`: shapes, dtypes and devices, no data),
-then one micro-batch runs through the trainer's own forward/backward (`step.forward_backward`, autocast included) and
-the config's optimizer takes its step. `LiveBytes`, a dispatch mode, sees every tensor an operation creates and when
-its storage is freed; afterwards each storage is given a kind (activation, gradient, optimizer state, temporary),
-and the peak of any weighted sum of kinds can be read off (FSDP counts a gradient 1/N). Nothing is a formula of the
-architecture: a new layer, a different attention kernel or optimizer is counted as the code runs it.
+then one micro-batch runs through the trainer's own forward/backward (`step.forward_backward`, autocast included);
+the config's optimizer takes its first step (clipping included) on the meta device. `LiveBytes`, a dispatch mode,
+sees every tensor an operation creates and when its storage is freed; afterwards each storage is given a kind
+(activation, gradient, optimizer state, temporary), and the peak of any weighted sum of kinds can be read off (FSDP
+counts a gradient 1/N). Nothing is a formula of the architecture: a new layer, a different attention kernel or
+optimizer is counted as the code runs it.
 
-Fake tensors cost Python time per operation, not memory: a 7B model is traced in seconds on a laptop. The traced
-device is this machine's GPU when the run is for it, else the CPU (the CPU's attention kernel keeps the same
-O(T) statistics as FlashAttention; eager mode: torch.compile usually needs somewhat less activation memory).
+Fake tensors cost Python time per operation, not memory. The traced device is this machine's GPU when the run is
+for it, else the CPU (the CPU's attention kernel keeps the same O(T) statistics as FlashAttention; eager mode:
+torch.compile usually needs somewhat less activation memory). What this needs of torch (dispatch modes, fake
+tensors, weak references to storages) is in every torch 2.x this project supports; where an operation has no fake
+kernel in an older torch, the trace fails as a TraceUnavailable with its reason, and the callers say so.
 """
 
 import dataclasses
@@ -207,7 +210,6 @@ class FakeTrainer:
         if config.model.is_moc:  # the MoC layers ask once whether the grouped matmul works: on real tensors
             grouped_mm_supported(str(device), dtype)
         self.model = build_on_meta(dataclasses.replace(config.model))  # its own copy: steps switch checkpointing
-        self.memory = model_memory(self.model)
         with self.mode:
             self._fake_parameters()
         self.model.train()
