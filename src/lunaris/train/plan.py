@@ -30,6 +30,7 @@ from lunaris.errors import LunarisError
 from lunaris.model import build_on_meta
 from lunaris.runtime import (
     DTYPE_NAMES,
+    DTYPES,
     GPU_MEMORY_GIB,
     GPUS_WITHOUT_BF16,
     device_memory,
@@ -219,8 +220,7 @@ def gpu_target(config: TrainConfig, gpu: Optional[str], gpu_memory: Optional[flo
                            f"--gpu-memory GiB (and its bf16 peak FLOP/s with --peak_flops=... for a step time).")
     gib = gpu_memory if gpu_memory is not None else dict(GPU_MEMORY_GIB)[key]
     no_bf16 = key in GPUS_WITHOUT_BF16
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
-        config.dtype, torch.float16 if no_bf16 else torch.bfloat16)
+    dtype = DTYPES.get(config.dtype, torch.float16 if no_bf16 else torch.bfloat16)   # auto: what the GPU has
     trace = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     name = key or gpu or f"a GPU with {gib:g} GiB"
     return Target(name, int(gib * GIB), True, config.peak_flops or (peak_flops_for_name(key) if key else None),
@@ -232,7 +232,13 @@ def local_target(config: TrainConfig) -> Target:
     device = resolve_device(config.device)
     memory = device_memory(device)
     return Target(device_name(device), memory[0] if memory else None, device.type == "cuda",
-                  peak_flops_per_device(device, config.peak_flops), device, resolve_dtype(config.dtype, device))
+                  peak_flops_per_device(device, config.peak_flops), traced_on(device),
+                  resolve_dtype(config.dtype, device))
+
+
+def traced_on(device: torch.device) -> torch.device:
+    """Where a run on `device` is traced: there, or on the CPU for a device without fake-tensor support (MPS)."""
+    return device if device.type in ("cuda", "cpu") else torch.device("cpu")
 
 
 def estimator_for(config: TrainConfig, target: Target) -> Estimator:
@@ -358,8 +364,7 @@ def run_memory_lines(config: TrainConfig, device: torch.device, dtype: torch.dty
     """The banner's estimate for a run on `device`: one line (this process's peak, and whether it fits what the
     device has: free GPU memory plus what this process already holds there, or available RAM), and a warning with
     the largest batch_size that fits when it will not. Never raises: an estimate that cannot be made is a line."""
-    traced = device if device.type in ("cuda", "cpu") else torch.device("cpu")
-    estimator = Estimator(config, traced, dtype)
+    estimator = Estimator(config, traced_on(device), dtype)
     layout = Layout(parallelism, world_size, config.model.use_gradient_checkpointing)
     try:
         memory = estimator.rank(layout, config.batch_size)
