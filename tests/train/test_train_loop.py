@@ -396,9 +396,11 @@ def test_the_banner_estimates_memory_and_warns_before_step_1_when_the_run_will_n
                                                                                        monkeypatch):
     import lunaris.train.plan as plan
     from lunaris.train.logging import banner
-    trainer = Trainer(train_config(tmp_path / "run", batch_size=8))
+    trainer = Trainer(train_config(tmp_path / "run", batch_size=8, model={"dropout": 0.1}))
     try:
+        generator = torch.get_rng_state()
         lines = banner(trainer)
+        assert torch.equal(torch.get_rng_state(), generator)   # the first step draws what it would without it
         assert any(line.startswith("memory: about ") and line.endswith("of RAM available: fits") for line in lines)
         assert not any("run out of memory" in line for line in lines)
         # a machine with 2 MiB available: too little for batch_size 8 of this model, enough for a smaller one

@@ -366,10 +366,17 @@ def run_memory_lines(config: TrainConfig, device: torch.device, dtype: torch.dty
     the largest batch_size that fits when it will not. Never raises: an estimate that cannot be made is a line."""
     estimator = Estimator(config, traced_on(device), dtype)
     layout = Layout(parallelism, world_size, config.model.use_gradient_checkpointing)
-    try:
-        memory = estimator.rank(layout, config.batch_size)
-    except TraceUnavailable as exc:
-        return [f"memory: no estimate ({exc})"]
+    # the run's generators are set for its first step: the trace (fake dropout, random tokens) must not move them
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            memory = estimator.rank(layout, config.batch_size)
+        except TraceUnavailable as exc:
+            return [f"memory: no estimate ({exc})"]
+        return _fit_lines(estimator, layout, memory, device)
+
+
+def _fit_lines(estimator: Estimator, layout: Layout, memory: RankMemory, device: torch.device) -> list:
+    """The banner's line for a traced `memory`, and the warning when it does not fit `device`."""
     on_gpu = device.type == "cuda"
     rows = memory.rows
     line = (f"memory: about {size(memory.peak)} per process at the step's peak (activations "
