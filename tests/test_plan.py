@@ -149,3 +149,19 @@ def test_a_failing_trace_is_a_message_not_a_traceback(monkeypatch, capsys):
     config = load_config("demo-cpu")
     lines = plan.run_memory_lines(config, torch.device("cpu"), torch.float32, "single", 1)
     assert lines[0].startswith("memory: no estimate (torch ") and len(lines) == 1
+
+
+def test_blocks_that_do_not_repeat_are_traced_whole(monkeypatch):
+    # a part that only the last block has (as a feature tied to a block's place would): no period to extrapolate
+    config = load_config("demo-cpu", SMALL)
+    build = plan.build_on_meta
+
+    def last_block_differs(model_config):
+        model = build(model_config)
+        with torch.device("meta"):
+            model.blocks[-1].extra = torch.nn.Linear(4, 4)
+        return model
+    monkeypatch.setattr(plan, "build_on_meta", last_block_differs)
+    assert plan.Estimator(config, torch.device("cpu"), torch.float32).depths == (4,)
+    monkeypatch.undo()
+    assert plan.Estimator(config, torch.device("cpu"), torch.float32).depths == (1, 2)

@@ -97,15 +97,33 @@ class Estimator:
 
     def __init__(self, config: TrainConfig, device: torch.device, dtype: torch.dtype):
         self.config, self.device, self.dtype = config, device, dtype
-        self.model = model_memory(build_on_meta(config.model))
-        period = config.model.moc_every if config.model.is_moc else 1
-        n_layers = config.model.n_layers
-        rest = n_layers % period                    # dense blocks after the last MoC block
-        self.depths = (period + rest, 2 * period + rest) if n_layers > 2 * period + rest else (n_layers,)
-        self.periods = n_layers // period           # how many times the second trace's extra blocks repeat
+        whole = build_on_meta(config.model)
+        self.model = model_memory(whole)
+        self.depths, self.periods = self._cut(whole)    # periods: how often the second trace's extra blocks repeat
         self._fakes: dict = {}
         self._steps: dict = {}
         self._optimizer = None
+
+    def _cut(self, whole) -> tuple:
+        """The depths to trace and the periods to extrapolate to; the whole model's depth where its blocks do not
+        repeat with the period (a part that depends on a block's place: its parameters, or its structure), which
+        the parameter count of the cut models and the blocks' structure show."""
+        n_layers = self.config.model.n_layers
+        period = self.config.model.moc_every if self.config.model.is_moc else 1
+        rest = n_layers % period                    # dense blocks after the last MoC block
+        depths, periods = (period + rest, 2 * period + rest), n_layers // period
+        if n_layers <= depths[1]:
+            return (n_layers,), 1
+        structure = [repr(block) + str([p.shape for p in block.parameters()]) for block in whole.blocks]
+        if any(structure[i] != structure[i + period] for i in range(n_layers - period)):
+            return (n_layers,), 1
+        try:
+            counts = [model_memory(build_on_meta(self._config_at(depth).model)).count for depth in depths]
+        except LunarisError:                        # a key that needs more blocks than the cut model has
+            return (n_layers,), 1
+        if counts[0] + (periods - 1) * (counts[1] - counts[0]) != self.model.count:
+            return (n_layers,), 1
+        return depths, periods
 
     def _extrapolate(self, values: list) -> float:
         """A quantity traced at `depths` (one value each), at the model's depth."""
