@@ -208,7 +208,7 @@ class FakeTrainer:
         self.config, self.device, self.dtype = config, device, dtype
         self.mode = FakeTensorMode()
         if config.model.is_moc:  # the MoC layers ask once whether the grouped matmul works: on real tensors
-            grouped_mm_supported(str(device), dtype)
+            grouped_mm_supported(str(torch.empty(0, device=device).device), dtype)   # "cuda:0", as a tensor says
         self.model = build_on_meta(dataclasses.replace(config.model))  # its own copy: steps switch checkpointing
         with self.mode:
             self._fake_parameters()
