@@ -89,8 +89,8 @@ def test_help_does_not_import_torch(argv):
 
 
 def test_every_command_is_in_the_help_test():
-    assert {"analyze", "bench", "config", "demo", "eval", "export", "generate", "plot", "prepare", "selftest", "sweep",
-            "train"} <= set(command_names())
+    assert {"analyze", "bench", "config", "demo", "eval", "export", "generate", "plan", "plot", "prepare", "selftest",
+            "sweep", "train"} <= set(command_names())
 
 
 # ---- argument errors: the command's own usage -----------------------------------------------------------------
@@ -103,6 +103,8 @@ def test_every_command_is_in_the_help_test():
     (["analyze"], "analyze"),                                    # neither CKPT nor --checkpoint
     (["analyze", "a", "--checkpoint", "b"], "analyze"),          # two different paths
     (["export", "--checkpoint", "RUN", "--out", "o", "--dtype", "fp64"], "export"),
+    (["plan", "demo-cpu", "--gpus", "0"], "plan"),
+    (["plan", "demo-cpu", "--gpu", "h100", "--gpu-memory", "80"], "plan"),   # one or the other
 ])
 def test_an_argument_error_prints_the_commands_usage(argv, command, capsys):
     with pytest.raises(SystemExit) as exit:

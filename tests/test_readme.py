@@ -116,3 +116,23 @@ def test_runnable_shell_blocks_work(tmp_path):
     assert json.loads((tmp_path / "data/chat/manifest.json").read_text())["tokenizer_added_tokens"]
     sweep = json.loads((tmp_path / "runs/sweeps/sweep/results.json").read_text())
     assert [(row["variant"], row["steps"]) for row in sweep["variants"]] == [("dense", 3), ("topk", 3)]
+
+
+def test_the_plan_example_is_what_lunaris_plan_prints(capsys):
+    """The `lunaris plan` example of Multi-GPU and multi-node, run: the same lines, every number within 5% (a
+    machine with a GPU traces the step there, with its own attention kernel)."""
+    import shlex
+
+    from lunaris.cli import main
+    (block,) = fenced_blocks("text", "plan-example")
+    command, *shown = block.rstrip("\n").splitlines()
+    assert command.startswith("$ lunaris plan ")
+    assert main(shlex.split(command)[2:]) == 0
+    printed = capsys.readouterr().out.rstrip("\n").splitlines()
+    number = r"\d[\d,]*(?:\.\d+)?"
+    assert len(printed) == len(shown), "\n".join(printed)
+    for got, want in zip(printed, shown):
+        assert re.split(number, got) == re.split(number, want), f"{got!r} != {want!r}"
+        for a, b in zip(re.findall(number, got), re.findall(number, want)):
+            assert float(a.replace(",", "")) == pytest.approx(float(b.replace(",", "")), rel=0.05, abs=0.011), \
+                f"{got!r} != {want!r}"

@@ -80,6 +80,48 @@ def cmd_config(args, overrides):
     return 0
 
 
+# ---- lunaris plan --------------------------------------------------------------------------------
+
+def add_plan_parser(sub):
+    p = sub.add_parser(
+        "plan", help="will a config fit my GPUs, and how fast will it train: memory per process, largest batch",
+        description="Trace one training step of CONFIG (plus --key=value overrides) on fake tensors, nothing "
+                    "allocated, and print the memory each process needs (parameters, gradients, optimizer state, "
+                    "activations with the logits) for one process, or DDP and FSDP on --gpus N, each with and "
+                    "without gradient checkpointing; whether it fits the device, the largest batch_size that does, "
+                    "and the step time and tokens/s at a stated MFU of the GPU's datasheet peak.")
+    p.add_argument("config", help="YAML config file or preset name, e.g. dense-124m")
+    p.add_argument("--gpus", type=_positive(int), default=1, metavar="N", help="processes (GPUs) in all (default 1)")
+    device = p.add_mutually_exclusive_group()
+    device.add_argument("--gpu", metavar="NAME", help="plan for this GPU (h100, a100, a100-40gb, 4090, l40s, ...) "
+                                                     "instead of this machine's device")
+    device.add_argument("--gpu-memory", type=_positive(float), metavar="GiB",
+                        help="plan for a GPU with this much memory (GiB; set --peak_flops=... for a step time)")
+    p.add_argument("--mfu", type=_positive(float), default=0.4,
+                   help="model FLOPs utilization the step time assumes (default 0.4 of the bf16 datasheet peak)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (bytes)")
+    p.set_defaults(func=cmd_plan, accepts_overrides=True)
+    p.checks.append(lambda args: "--mfu must be at most 1" if args.mfu > 1 else None)
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive (got {text})")
+        return value
+    return parse
+
+
+def cmd_plan(args, overrides):
+    from lunaris.train.plan import run_plan
+    return run_plan(args.config, overrides, gpus=args.gpus, gpu=args.gpu, gpu_memory=args.gpu_memory, mfu=args.mfu,
+                    as_json=args.json)
+
+
 # ---- lunaris plot -------------------------------------------------------------------------------
 
 def add_plot_parser(sub):
@@ -522,7 +564,7 @@ def cmd_demo(args, overrides):
 # ---- entry point ----------------------------------------------------------------------------------
 
 PARSERS = [add_demo_parser, add_prepare_parser, add_train_parser, add_eval_parser, add_analyze_parser,
-           add_generate_parser, add_chat_parser, add_export_parser, add_plot_parser, add_config_parser,
+           add_generate_parser, add_chat_parser, add_export_parser, add_plot_parser, add_config_parser, add_plan_parser,
            add_selftest_parser, add_bench_parser, add_sweep_parser]
 
 

@@ -176,6 +176,49 @@ def peak_flops_for_name(name: str) -> Optional[float]:
     return None
 
 
+# Memory per GPU in GiB (the datasheet's GB; the driver shows a little less, which the CUDA context reserve of
+# `lunaris plan` covers), for planning a run on GPUs this machine does not have (`lunaris plan --gpu NAME`); a GPU
+# that is here reports its own. Matched like GPU_PEAK_FLOPS, more specific names first.
+GPU_MEMORY_GIB = (
+    ("GB200", 186),
+    ("B200", 180),
+    ("GH200", 96),
+    ("H200", 141),
+    ("H100 NVL", 94),
+    ("H100", 80),
+    ("H800", 80),
+    ("H20", 96),
+    ("A100 40GB", 40),
+    ("A100", 80),
+    ("A800", 80),
+    ("L40S", 48),
+    ("L40", 48),
+    ("L4", 24),
+    ("A10G", 24),
+    ("A10", 24),
+    ("A6000", 48),
+    ("RTX 6000 Ada", 48),
+    ("4090", 24),
+    ("3090", 24),
+    ("V100", 32),
+    ("T4", 16),
+    ("MI300X", 192),
+    ("MI250X", 128),
+)
+GPUS_WITHOUT_BF16 = ("V100", "T4")  # dtype auto means fp16 there (with a GradScaler)
+
+
+def _squeeze(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def find_gpu(name: str) -> Optional[str]:
+    """The GPU_MEMORY_GIB entry a user's or the driver's name means ("h100", "a100-40gb", "NVIDIA GeForce RTX 4090"
+    -> "H100", "A100 40GB", "4090"); None if none. Case, spaces and dashes do not matter."""
+    squeezed = _squeeze(name)
+    return next((key for key, _ in GPU_MEMORY_GIB if _squeeze(key) in squeezed), None)
+
+
 def peak_flops_per_device(device: torch.device, configured: Optional[float] = None) -> Optional[float]:
     """`configured` (the config's peak_flops), else the table entry for this GPU; None if unknown (e.g. CPU)."""
     if configured:
@@ -183,6 +226,20 @@ def peak_flops_per_device(device: torch.device, configured: Optional[float] = No
     if device.type != "cuda":
         return None
     return peak_flops_for_name(torch.cuda.get_device_name(device))
+
+
+def device_memory(device: torch.device) -> Optional[tuple]:
+    """(free, total) bytes of `device`: a GPU's free and total memory, or a CPU's available RAM and its total
+    (Linux /proc/meminfo); None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)
+    if device.type != "cpu":
+        return None
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        return int(fields["MemAvailable"].split()[0]) * 1024, int(fields["MemTotal"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def git_commit() -> Optional[str]:

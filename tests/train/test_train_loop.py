@@ -390,3 +390,30 @@ def test_the_trainer_state_is_the_checkpoints_trainer_part(tmp_path, train_confi
         assert torch.equal(again["rng"][0]["torch"], saved["rng"][0]["torch"])
     finally:
         trainer.close()
+
+
+def test_the_banner_estimates_memory_and_warns_before_step_1_when_the_run_will_not_fit(tmp_path, train_config,
+                                                                                       monkeypatch):
+    import lunaris.train.plan as plan
+    from lunaris.train.logging import banner
+    trainer = Trainer(train_config(tmp_path / "run", batch_size=8, model={"dropout": 0.1}))
+    try:
+        generator = torch.get_rng_state()
+        lines = banner(trainer)
+        assert torch.equal(torch.get_rng_state(), generator)   # the first step draws what it would without it
+        assert any(line.startswith("memory: about ") and line.endswith("of RAM available: fits") for line in lines)
+        assert not any("run out of memory" in line for line in lines)
+        # a machine with 2 MiB available: too little for batch_size 8 of this model, enough for a smaller one
+        monkeypatch.setattr(plan, "device_memory", lambda device: (2 << 20, 2 << 20))
+        lines = banner(trainer)
+    finally:
+        trainer.close()
+    assert any(line.startswith("memory: about ") and line.endswith(": does NOT fit") for line in lines)
+    warning = next(line for line in lines if line.startswith("warning: this run will probably run out of memory"))
+    largest = int(re.search(r"largest batch_size that fits is about (\d+)", warning).group(1))
+    estimator = plan.Estimator(trainer.config, torch.device("cpu"), torch.float32)
+    capacity = (2 << 20) + estimator.model.params + estimator.model.buffers
+    layout = plan.Layout("single", 1, False)
+    assert 0 < largest < 8
+    assert plan.needed(estimator.rank(layout, largest).peak, False) <= capacity
+    assert plan.needed(estimator.rank(layout, largest + 1).peak, False) > capacity

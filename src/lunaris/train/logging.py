@@ -35,6 +35,7 @@ from lunaris.errors import LunarisError
 from lunaris.fileio import atomic_write_json, atomic_write_text, on_full_disk
 from lunaris.runtime import DTYPE_NAMES, device_name, git_commit
 from lunaris.train.checkpoint import resume_note
+from lunaris.train.plan import run_memory_lines
 
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_run_id.txt"
@@ -256,7 +257,8 @@ MANY_EPOCHS = 4.0
 
 def banner(trainer) -> list:
     """The lines a run starts with: model, batch, machine, precision, parallelism, where it starts, how many times
-    it will see its data (and a warning when that is many)."""
+    it will see its data (and a warning when that is many), the memory a step needs (and a warning when it will
+    not fit the device)."""
     cfg, info = trainer.config, trainer.info
     where = f"{info.world_size} x {device_name(info.device)}" if info.is_distributed else device_name(info.device)
     mode = {"single": "single process"}.get(trainer.parallelism, trainer.parallelism)
@@ -273,6 +275,8 @@ def banner(trainer) -> list:
     epochs = cfg.max_steps / steps_per_epoch
     data_tokens = trainer.loader.batches_per_epoch * cfg.batch_size * trainer.seq_len * info.world_size
     lines.append(f"data: {data_tokens:,} training tokens per epoch; {cfg.max_steps} steps = {epochs:.2f} epochs")
+    if info.is_main:  # the estimate traces the step on fake tensors: once, where it is printed
+        lines += run_memory_lines(cfg, info.device, trainer.dtype, trainer.parallelism, info.world_size)
     if epochs > MANY_EPOCHS and not budget:  # a time budget usually stops long before max_steps
         lines.append(f"warning: the run passes over its training data {epochs:.1f} times; with this little data the "
                      f"model will memorize it and the validation loss will rise. Prepare more text, or lower "
