@@ -116,6 +116,22 @@ def test_flops_and_active_parameters_follow_the_expert_width():
     assert wide.flops_per_token - narrow.flops_per_token == 6 * L * (K + 1) * 3 * D * (32 - H)
 
 
+def test_interleaved_flops_sum_each_layers_own_count():
+    """moc_every 2 with fine-grained and shared experts and halting: dense FFNs count ffn_hidden_size, MoC layers
+    the router, K narrow experts and the shared one, each with S steps and S - 1 halting decisions per IRL module."""
+    D, E, K, H, F, S, L, V, T = 32, 16, 4, 16, 96, 2, 4, 128, 64
+    model = LunarisCodex(layer_config(n_layers=L, moc_every=2, n_shared_experts=1, n_reasoning_steps=S,
+                                      irl_halting="act", vocab_size=V, max_seq_len=T))
+    kinds = [type(block.ffn).__name__ for block in model.blocks]
+    assert kinds == ["ReasoningFeedForward", "MoCLayer"] * 2
+    halting = (S - 1) * D
+    dense_ffn = S * 3 * D * F + halting
+    moc_ffn = D * E + K * (S * 3 * D * H + halting) + (S * 3 * D * H + halting)     # routed slots + shared
+    attention = model.blocks[0].attn.qkv.weight.numel() + model.blocks[0].attn.proj.weight.numel()
+    matmul = D * V + L * attention + (L // 2) * (dense_ffn + moc_ffn)
+    assert model.flops_per_token() == 6.0 * matmul + 12.0 * L * 4 * (D // 4) * T
+
+
 def test_a_fine_grained_model_trains_and_its_loss_falls():
     torch.manual_seed(0)
     model = LunarisCodex(tiny_model_config(n_experts=32, top_k=8, expert_hidden_size=16, n_shared_experts=1,
