@@ -9,7 +9,8 @@ forward + backward) over the full layer's time.
 Optional rows: fine-grained experts at equal active and total parameters (`expert_counts`: E experts, top-(K·E/E0),
 hidden H·E0/E, so the dense comparison is the same SwiGLU), the dense SwiGLU and the baseline compiled (`compile`),
 and the baseline's forward + backward split into its parts (`profile`: router, plan, gathers, experts, combine, aux
-loss, metrics, each one of the layer's own forward steps timed alone with autograd on; then the whole backward).
+loss, metrics, each one of the layer's own forward steps timed alone with autograd on; then the whole backward, and
+the experts' backward measured alone).
 """
 
 import math
@@ -146,6 +147,9 @@ def parts_of_a_step(layer: MoCLayer, x: torch.Tensor, clock) -> dict:
     aux, entropy = timed("aux loss: balance, z-loss, entropy", lambda: layer.aux_loss(logits, plan.counts, N))
     timed("metrics (detached)", lambda: layer.record_stats(stats, entropy, plan, N))
     timed("backward (every part)", lambda: (y.float().square().mean() + aux).backward())
+    alone = rows.detach().requires_grad_(True)   # the experts' share of the backward, measured on their own
+    out = layer.experts(alone, plan, None, layer.halting)
+    timed("  of which experts backward (alone)", lambda: out.backward(torch.ones_like(out)))
     layer.zero_grad(set_to_none=True)
     x.grad = None
     return times

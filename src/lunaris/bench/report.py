@@ -222,7 +222,7 @@ def moc_layer_markdown(result: dict) -> str:
     lines = [header] + table + [f"\ndispatch share of the baseline MoC layer (experts = identity / full layer): "
                                 f"{share:.0%}"]
     if "parts" in result:
-        total = sum(part["median_ms"] for part in result["parts"])
+        total = sum(part["median_ms"] for part in result["parts"] if not part["part"].startswith(" "))
         lines += ["", "the baseline MoC layer, part by part (forward + backward)", ""]
         lines += _table(["part", "median ms", "share"], "lrr",
                         [[part["part"], f"{part['median_ms']:.2f}", f"{part['median_ms'] / total:.0%}"]
