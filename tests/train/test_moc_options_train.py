@@ -1,7 +1,9 @@
 """The MoC options in the trainer: the annealed router temperature follows the steps, halting IRL logs the steps it
 took (and `lunaris analyze` reports them), global-batch balancing trains with accumulation, and each resumes exactly."""
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
@@ -60,3 +62,16 @@ def test_analyze_reports_the_steps_a_halting_model_took(tmp_path, token_data, he
     assert [(row["layer"], row["kind"]) for row in result["layers"]] == [(0, "dense"), (1, "moc")]
     assert all(1.0 <= row["steps_taken"] <= 3.0 for row in result["layers"])
     assert "mean reasoning steps a token took" in out
+
+
+def test_the_balance_benchmark_trains_each_rule_and_prints_its_drop_rates(token_data, capsys):   # vocabulary 128
+    path = Path(__file__).resolve().parents[2] / "bench" / "bench_moc_balance.py"
+    spec = importlib.util.spec_from_file_location("bench_moc_balance", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--data", str(token_data.train), "--vocab-size", "128", "--steps", "4",
+                 "--rules", "sign:0.001", "proportional:0.05"])
+    lines = capsys.readouterr().out.splitlines()
+    table = [line for line in lines if line.startswith("| sign") or line.startswith("| proportional")]
+    assert lines[0] == "| rule | rate | steps 1-1 | steps 2-2 | steps 3-3 | steps 4-4 |" and len(table) == 2
+    assert all(len(line.split("|")) == 8 and line.rstrip().endswith("% |") for line in table)
