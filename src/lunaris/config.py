@@ -211,7 +211,7 @@ class MoCKeys(_Section):
     balance_bias_update: Literal["sign", "proportional"] = key(
         "sign", "With load_balance: bias, each step's bias change: sign, balance_bias_rate times the sign of "
                 "(mean load - load); proportional, balance_bias_rate times (mean load - load) / mean load, so "
-                "a large imbalance moves the bias fast (short runs; try balance_bias_rate 0.05).")
+                "a large imbalance moves the bias fast (short runs; try balance_bias_rate 0.02-0.05).")
     balance_scope: Literal["micro_batch", "global_batch"] = key(
         "micro_batch", "Where the load-balancing loss counts each expert's share f_i of the routed slots: "
                        "micro_batch, in each micro-batch; global_batch, over the optimizer step's micro-batches so "
