@@ -2,6 +2,7 @@
 
     python bench/bench_moc.py                       # D=512, H=1536, 8 experts top-2, 2048 tokens
     python bench/bench_moc.py --threads 1 --clock cpu --rounds 5   # steadier on a shared machine
+    python bench/bench_moc.py --expert-counts 16,32,64 --compile --profile   # fine-grained, compiled, per part
 
 A command line over lunaris.bench.moc (whose docstring says what is measured and how); `lunaris bench` runs the
 same measurement. Prints a markdown table.
@@ -35,6 +36,11 @@ def parse_args(argv=None):
                    help="wall-clock time, or this process's CPU time (steadier on a shared machine; "
                         "use with --threads 1)")
     p.add_argument("--quick", action="store_true", help="only the baseline comparison (no collab / IRL rows)")
+    p.add_argument("--expert-counts", type=lambda v: tuple(int(e) for e in v.split(",")), default=d.expert_counts,
+                   help="fine-grained rows at equal active and total parameters, e.g. 16,32,64: E experts, top-k "
+                        "and hidden scaled by E/--experts")
+    p.add_argument("--compile", action="store_true", help="also the dense SwiGLU and the baseline under torch.compile")
+    p.add_argument("--profile", action="store_true", help="the baseline's forward part by part")
     return p.parse_args(argv)
 
 

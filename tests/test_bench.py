@@ -120,6 +120,21 @@ def test_the_moc_layer_is_measured_by_the_package():
     assert "dispatch share of the baseline MoC layer" in moc_layer_markdown(result)
 
 
+def test_the_moc_layer_benchmark_adds_fine_grained_rows_and_the_parts_of_a_step():
+    options = MocLayerBenchOptions(**{**TINY["moc_layer"], "expert_counts": (16, 32), "profile": True})
+    result = bench_moc_layer(options)
+    rows = {row["name"]: row for row in result["variants"]}
+    assert {"MoC none, S=1, E=16 top-4 H=16", "MoC none, S=1, E=32 top-8 H=8"} <= set(rows)   # K·H = 2·32 kept
+    assert all(row["tokens_per_s"] == pytest.approx(64 / (row["median_ms"] / 1e3)) for row in rows.values())
+    parts = [part["part"] for part in result["parts"]]
+    assert parts[0].startswith("router") and parts[-2:] == ["backward (every part)",
+                                                            "  of which experts backward (alone)"]
+    assert all(part["median_ms"] > 0 for part in result["parts"])
+    assert "part by part" in moc_layer_markdown(result)
+    with pytest.raises(ValueError, match="12 experts do not split top-2 of 8 experts"):
+        bench_moc_layer(MocLayerBenchOptions(**{**TINY["moc_layer"], "expert_counts": (12,)}))
+
+
 def test_decoding_is_measured_by_the_package_against_transformers_on_the_same_weights():
     result = bench_generate(GenerateBenchOptions(compile=False, hf_compile=False, **TINY["generate"]))
     (row,) = result["sizes"]

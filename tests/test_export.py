@@ -20,8 +20,13 @@ def trained_looking_model(**overrides) -> LunarisCodex:
     model = LunarisCodex(tiny_model_config(vocab_size=320, **overrides))
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or "collab_gate" in name or "halting" in name:   # halting: tokens stop at different steps
                 param.add_(torch.randn_like(param) * 0.5)
+        for name, buffer in model.named_buffers():   # MoC state a checkpoint carries: routing bias, temperature
+            if name.endswith("balance_bias"):
+                buffer.normal_()
+            elif name.endswith("router_temp"):
+                buffer.fill_(1.3)
     return model.eval()
 
 
@@ -97,7 +102,13 @@ def test_dense_model_exports_as_llama_with_the_same_logits(tmp_path, overrides):
     dict(n_experts=4, top_k=2, capacity_factor=1.0, n_reasoning_steps=2),
     dict(n_experts=4, top_k=1, n_shared_experts=1, n_reasoning_steps=2, collab_mode="none"),
     dict(n_reasoning_steps=3, n_kv_heads=1, tie_embeddings=False),
-], ids=["moc-irl2", "moc-shared-irl2-topk", "dense-irl3-untied"])
+    dict(n_experts=8, top_k=4, expert_hidden_size=16, n_shared_experts=1, collab_mode="simple", collab_gate=True,
+         router_temperature=2.0, router_temperature_end=0.7, n_reasoning_steps=2, irl_halting="act",
+         load_balance="bias", balance_bias_update="proportional"),
+    dict(n_experts=4, top_k=2, collab_mode="mha", collab_gate=True, moc_every=2, n_reasoning_steps=3,
+         irl_halting="act", balance_scope="global_batch", router_entropy_weight=0.01, tie_embeddings=False),
+], ids=["moc-irl2", "moc-shared-irl2-topk", "dense-irl3-untied", "moc-fine-grained-gated-halting-annealed",
+        "moc-interleaved-halting-mha-gate-global"])
 def test_other_models_export_with_their_own_code_and_load_through_auto_model(tmp_path, overrides):
     model = trained_looking_model(**overrides)
     summary = export_checkpoint(save_run(tmp_path / "run", model), tmp_path / "hf")

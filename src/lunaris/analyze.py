@@ -2,7 +2,8 @@
 
 Two measurements, on the batches `lunaris eval` reads (the same loader, the same loss):
 - per layer and reasoning step t, the mean relative update norm |h_t - h_{t-1}| / |x| (and the cosine between
-  successive updates), from the model's own IRL statistics over the evaluated batches;
+  successive updates), from the model's own IRL statistics over the evaluated batches; with irl_halting, the mean
+  number of steps a token took in each layer (evaluation skips the steps of halted tokens);
 - the validation loss if every IRL FFN (dense ReasoningFeedForward and MoC experts) stopped after s steps, for
   s = 1..S: the steps count of every IRL module is lowered for one evaluation and restored afterwards (the step
   scale alpha stays the trained one). s = S is the model as trained, so its loss is `lunaris eval`'s.
@@ -17,7 +18,7 @@ import torch
 from lunaris.errors import LunarisError
 from lunaris.evaluate import evaluate, load_held_out
 from lunaris.fileio import atomic_write_json
-from lunaris.metrics import IRL_UPDATE_COSINE, IRL_UPDATE_NORM, match, template_of
+from lunaris.metrics import IRL_STEPS_TAKEN, IRL_UPDATE_COSINE, IRL_UPDATE_NORM, match, template_of
 from lunaris.model.layers import ReasoningFeedForward
 from lunaris.model.moc import MoCLayer
 
@@ -51,14 +52,15 @@ def reasoning_steps(layers: list, steps: int):
 
 @contextmanager
 def recorded_irl_stats(layers: list):
-    """{layer index: {metric: [() tensor per forward]}}: the IRL update norms and cosines every block FFN returns."""
+    """{layer index: {metric: [() tensor per forward]}}: the IRL update norms, cosines and steps taken (halting) every
+    block FFN returns."""
     recorded = {index: {} for index, _, _, _ in layers}
     handles = []
 
     def hook_for(index):
         def hook(module, inputs, output):
             for key, value in output[2].items():
-                if template_of(key, (IRL_UPDATE_NORM, IRL_UPDATE_COSINE)) is not None:
+                if template_of(key, (IRL_UPDATE_NORM, IRL_UPDATE_COSINE, IRL_STEPS_TAKEN)) is not None:
                     recorded[index].setdefault(key, []).append(value.detach().float())
         return hook
 
@@ -95,9 +97,11 @@ def analyze(model, dataset, batch_size: int, max_batches: int = None) -> dict:
     per_layer = []
     if steps > 1:
         for index, kind, _, module in layers:
+            taken = recorded[index].get(IRL_STEPS_TAKEN)
             per_layer.append({"layer": index, "kind": kind, "steps": module.steps,
                               "update_norm": _by_step(recorded[index], IRL_UPDATE_NORM, module.steps),
-                              "update_cosine": _by_step(recorded[index], IRL_UPDATE_COSINE, module.steps)})
+                              "update_cosine": _by_step(recorded[index], IRL_UPDATE_COSINE, module.steps),
+                              "steps_taken": torch.stack(taken).mean().item() if taken else None})
     return {
         "reasoning_steps": steps,
         "layers": per_layer,
@@ -141,6 +145,10 @@ def format_report(result: dict) -> str:
             for row in result["layers"]:
                 values = row[key] + [None] * (S - len(row[key]))
                 lines.append(f"{row['layer']:>5}  {row['kind']:<5}" + "".join(_number(v) for v in values))
+        halting = [row for row in result["layers"] if row.get("steps_taken") is not None]
+        if halting:
+            lines += ["", f"mean reasoning steps a token took (irl_halting; at most {S})", "layer  kind     steps"]
+            lines += [f"{row['layer']:>5}  {row['kind']:<5}{_number(row['steps_taken'])}" for row in halting]
     lines += ["", "validation loss if every IRL FFN stops after s steps", "    s      loss  perplexity  vs s=S"]
     final = result["loss"]
     for entry in result["loss_by_steps"]:

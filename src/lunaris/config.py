@@ -89,6 +89,17 @@ class ArchitectureKeys(_Section):
         False, "Recompute each block in the backward pass (less memory, ~30% more compute).")
     n_reasoning_steps: int = key(1, "IRL steps S in every FFN and expert; 1 is a plain SwiGLU.", gt=0)
     irl_alpha: Optional[float] = key(None, "IRL step scale; null means 1/sqrt(n_reasoning_steps).", gt=0)
+    irl_halting: Literal["none", "act"] = key(
+        "none", "Per-token halting of the IRL steps: act (adaptive computation time) gives every IRL FFN a learned "
+                "halting probability per step; a token stops once they sum to 1 - irl_halting_epsilon (at most "
+                "n_reasoning_steps), its later updates masked in training and skipped in evaluation; none runs "
+                "every step.")
+    irl_halting_epsilon: float = key(
+        0.01, "With irl_halting: act, a token halts once its halting probabilities sum to at least 1 - this.",
+        gt=0, lt=1)
+    irl_ponder_weight: float = key(
+        1e-2, "With irl_halting: act, weight of the ponder cost (expected IRL steps per token, averaged over IRL "
+              "layers) added to the auxiliary loss: larger means fewer steps.", ge=0)
 
     @property
     def kv_heads(self) -> int:
@@ -110,6 +121,13 @@ class ArchitectureKeys(_Section):
     @property
     def irl_step_scale(self) -> float:
         return self.irl_alpha if self.irl_alpha is not None else 1.0 / math.sqrt(self.n_reasoning_steps)
+
+    @rule("irl_halting", "n_reasoning_steps")
+    def _halting_needs_steps(self, r):
+        if self.irl_halting != "none" and self.n_reasoning_steps < 2:
+            return (f"{r.ref('irl_halting', 'model.irl_halting: {}')} halts the IRL steps early, but "
+                    f"{r.ref('n_reasoning_steps')} leaves none to skip; set n_reasoning_steps >= 2 or "
+                    f"irl_halting: none.")
 
     @rule("d_model", "n_heads")
     def _heads_split_the_width(self, r):
@@ -239,9 +257,12 @@ class MoCKeys(_Section):
 
     n_experts: Optional[int] = key(None, "Experts per MoC layer; null or 0 means a dense model.", ge=0)
     top_k: int = key(2, "Experts each token is routed to.", gt=0)
+    expert_hidden_size: Optional[int] = key(
+        None, "SwiGLU hidden size of each routed and shared expert (fine-grained experts: many narrow ones, a "
+              "larger top_k); null means ffn_hidden_size, the dense FFN's.", gt=0)
     n_shared_experts: int = key(
         0, "Always-on shared experts beside the routed ones (DeepSeekMoE): every token also passes through one "
-           "SwiGLU of n_shared_experts*ffn_hidden_size, added to the routed output; 0 disables.", ge=0)
+           "SwiGLU of n_shared_experts*expert_hidden_size, added to the routed output; 0 disables.", ge=0)
     moc_every: int = key(1, "MoC in every n-th layer (layers n-1, 2n-1, ...); dense FFN elsewhere.", gt=0)
     capacity_factor: Optional[float] = key(
         1.25, "Training capacity C = ceil(cf*N*K/E) slots per expert; null means dropless.", gt=0)
@@ -256,16 +277,40 @@ class MoCKeys(_Section):
     balance_bias_rate: float = key(
         1e-3, "With load_balance: bias, how far each step moves an expert's bias (up if underloaded, down if over).",
         gt=0)
+    balance_bias_update: Literal["sign", "proportional"] = key(
+        "sign", "With load_balance: bias, each step's bias change: sign, balance_bias_rate times the sign of "
+                "(mean load - load); proportional, balance_bias_rate times (mean load - load) / mean load, so "
+                "a large imbalance moves the bias fast (short runs; try balance_bias_rate 0.02-0.05).")
+    balance_scope: Literal["micro_batch", "global_batch"] = key(
+        "micro_batch", "Where the load-balancing loss counts each expert's share f_i of the routed slots: "
+                       "micro_batch, in each micro-batch; global_batch, over the optimizer step's micro-batches so "
+                       "far and every process (Qwen3), P_i staying per micro-batch.")
+    router_temperature: float = key(
+        1.0, "Softmax temperature of the router: gates softmax(logits/T) over the selected experts (and the "
+             "balance loss's and entropy's full softmax); the top-k choice is unchanged.", gt=0)
+    router_temperature_end: Optional[float] = key(
+        None, "Anneal the router temperature linearly from router_temperature to this over the run (max_steps); "
+              "null keeps it constant.", gt=0)
+    router_entropy_weight: float = key(
+        0.0, "Weight of the mean entropy of each token's router softmax in the auxiliary loss: positive makes "
+             "routing confident (peaked per token), negative spreads it; 0 disables.")
     collab_mode: Optional[Literal["mha", "simple", "none"]] = key(
         None, "Expert collaboration (none is the plain weighted sum of top-k MoE); null follows use_simple_collab "
               "(default mha).")
     use_simple_collab: Optional[bool] = key(None, "Older spelling of collab_mode: true means simple, false means mha.")
     simple_collab_dropout: float = key(0.1, "Dropout inside the simple collaboration MLP.", ge=0, lt=1)
     collab_heads: Optional[int] = key(None, "Heads of the mha collaboration; null means n_heads.", gt=0)
+    collab_gate: bool = key(
+        False, "Scale the collaboration's change of each expert output by a learned per-channel gate that starts "
+               "at 0, so a MoC layer starts as plain top-k MoE and uses collaboration where it helps.")
 
     @property
     def is_moc(self) -> bool:
         return bool(self.n_experts)
+
+    @property
+    def expert_hidden(self) -> int:
+        return self.expert_hidden_size or self.ffn_hidden
 
     @property
     def resolved_collab_mode(self) -> str:
@@ -287,6 +332,13 @@ class MoCKeys(_Section):
         if self.collab_mode is not None and implied != self.collab_mode:
             return (f"{r.ref('use_simple_collab', 'model.use_simple_collab={}')} contradicts "
                     f"{r.ref('collab_mode', 'model.collab_mode={!r}')}; remove one of the two.")
+
+    @rule("balance_scope", "load_balance")
+    def _scope_of_the_balance_loss(self, r):
+        if self.balance_scope != "micro_batch" and self.load_balance == "bias":
+            return (f"{r.ref('balance_scope', 'model.balance_scope: {}')} sets where the load-balancing loss counts "
+                    f"the load, but {r.ref('load_balance', 'model.load_balance: {}')} has no such loss; remove one "
+                    f"of the two.")
 
     @rule("d_model", "collab_heads")
     def _collab_heads_divide_the_width(self, r):

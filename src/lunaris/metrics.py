@@ -31,11 +31,15 @@ ROUTER_ENTROPY = "experts/router_entropy_layer{layer}"
 MAX_LOAD_RATIO = "experts/max_load_ratio_layer{layer}"
 MOC_LAYER_METRICS = (DROP_RATE, ROUTER_ENTROPY, MAX_LOAD_RATIO)   # one value per MoC layer
 BIAS_SPREAD = "moc/bias_spread"
+ROUTER_TEMPERATURE = "moc/router_temperature"   # with router_temperature_end: the annealed temperature
+COLLAB_GATE = "moc/collab_gate"                 # with collab_gate: mean |gate| of the collaboration, 0 at the start
 
 # ---- IRL (per reasoning step t) --------------------------------------------------------------------
 IRL_UPDATE_NORM = "irl/update_norm_step{step}"
 IRL_UPDATE_COSINE = "irl/step{step}_update_cosine"
 IRL_GRAD_NORM = "irl/step{step}_grad_norm"
+IRL_STEPS_TAKEN = "irl/steps_taken"     # with irl_halting: mean reasoning steps a token took, averaged over IRL layers
+IRL_PONDER = "irl/ponder_cost"          # with irl_halting: mean ACT ponder cost (steps taken + remainder)
 
 _PATTERNS: dict = {}
 

@@ -89,3 +89,20 @@ def test_train_moc_entry_point_is_train_py(tmp_path, train_config, helpers):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "finished 2 steps" in done.stdout
     assert [r["step"] for r in helpers.read_metrics(tmp_path / "run")] == [1, 2]
+
+
+def test_ddp_global_batch_balance_counts_the_load_of_both_processes(tmp_path, train_config, helpers):
+    """balance_scope: global_batch sums f_i over the processes, and each rank's P_i is over an equal share of the
+    tokens, so two processes of batch 4 train like one of batch 8 (dropless: capacity would depend on the
+    process's own batch). With f_i of each process alone the loss would differ by far more than the tolerance."""
+    from lunaris.train import train
+    moc = {"n_experts": 4, "top_k": 2, "capacity_factor": None, "collab_mode": "none", "aux_loss_weight": 0.1,
+           "balance_scope": "global_batch"}
+    reference = tmp_path / "one"
+    train(constant_lr_config(train_config, reference, batch_size=8, model=moc))
+    out = tmp_path / "ddp"
+    config = helpers.write_yaml(constant_lr_config(train_config, out, model=moc), tmp_path / "ddp.yaml")
+    done = helpers.torchrun(["-m", "lunaris", "train", str(config)])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert_same_training(helpers.read_metrics(out), helpers.read_metrics(reference))
+    helpers.assert_weights_close(helpers.final_weights(out), helpers.final_weights(reference), atol=TOLERANCE)

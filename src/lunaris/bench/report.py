@@ -215,12 +215,19 @@ def moc_layer_markdown(result: dict) -> str:
               f"E={o['experts']}, top-{o['top_k']}, capacity_factor={o['capacity_factor']} (C={result['capacity']}), "
               f"N={o['tokens']} tokens, fp32, {o['rounds']} rounds, {o['clock']} clock; auto backend = "
               f"{result['backend']}\n")
-    table = _table(["variant (forward + backward)", "median ms", "x dense", "x MoC none S=1"], "lrrr",
-                   [[v["name"], f"{v['median_ms']:.1f}", f"{v['vs_dense']:.2f}", f"{v['vs_baseline']:.2f}"]
-                    for v in result["variants"]])
+    table = _table(["variant (forward + backward)", "median ms", "tokens/s", "x dense", "x MoC none S=1"], "lrrrr",
+                   [[v["name"], f"{v['median_ms']:.1f}", f"{v['tokens_per_s']:,.0f}", f"{v['vs_dense']:.2f}",
+                     f"{v['vs_baseline']:.2f}"] for v in result["variants"]])
     share = result["dispatch_share"]
-    return "\n".join([header] + table + [f"\ndispatch share of the baseline MoC layer (experts = identity / full "
-                                          f"layer): {share:.0%}"])
+    lines = [header] + table + [f"\ndispatch share of the baseline MoC layer (experts = identity / full layer): "
+                                f"{share:.0%}"]
+    if "parts" in result:
+        total = sum(part["median_ms"] for part in result["parts"] if not part["part"].startswith(" "))
+        lines += ["", "the baseline MoC layer, part by part (forward + backward)", ""]
+        lines += _table(["part", "median ms", "share"], "lrr",
+                        [[part["part"], f"{part['median_ms']:.2f}", f"{part['median_ms'] / total:.0%}"]
+                         for part in result["parts"]])
+    return "\n".join(lines)
 
 
 SECTION_TABLES = {  # report key: (title, the markdown of its result)

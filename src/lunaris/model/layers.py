@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lunaris.metrics import IRL_GRAD_NORM, IRL_UPDATE_COSINE, IRL_UPDATE_NORM
+from lunaris.metrics import IRL_GRAD_NORM, IRL_PONDER, IRL_STEPS_TAKEN, IRL_UPDATE_COSINE, IRL_UPDATE_NORM
 
 
 class RMSNorm(nn.Module):
@@ -130,9 +130,9 @@ class ResidualScalars(nn.Module):
     """Two learnable scalars per layer on the residual stream (model.residual_scalars, as in modded-nanogpt and
     nanochat): before block i, x = residual[i]·x + x0[i]·x0, x0 the token embedding. The block then sees a mix of
     the stream and the raw embedding, and each layer sets how much of the stream carries on. They start at 1 and 0
-    (`init_ones`: initialization.py), the model without them."""
+    (`init_constants`: initialization.py), the model without them."""
 
-    init_ones = ("residual",)
+    init_constants = {"residual": 1.0}
 
     def __init__(self, n_layers: int):
         super().__init__()
@@ -209,44 +209,147 @@ def update_cosine(previous: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
     return (cosine * valid).sum() / valid.sum().clamp_min(1)
 
 
+class IRLRecord:
+    """What `irl_iterate` records about its steps: nothing when `stats` is None or there is one step.
+
+    Into `stats`: the relative update norm |h_t - h_{t-1}| / |x| of each step (detached) under
+    `irl/update_norm_step{t}`. With a `probe` (an open IRLProbe): the cosine between successive updates (t >= 2,
+    mean over tokens) under `irl/step{t}_update_cosine`, and every state h_t hooked for the probe's gradient norms;
+    `site` names the module these belong to.
+    """
+
+    def __init__(self, x: torch.Tensor, steps: int, stats: dict, probe, site):
+        self.stats = stats if stats is not None and steps > 1 else None
+        self.probe = probe if self.stats is not None else None
+        self.site = site
+        self.previous = None   # the previous step's update
+        self.x_norm = x.detach().float().norm().clamp_min(1e-12) if self.stats is not None else None
+
+    def step(self, t: int, h: torch.Tensor, update: torch.Tensor) -> None:
+        """Step t made `update` (h_t - h_{t-1}), giving state h_t."""
+        if self.stats is not None:
+            self.stats[IRL_UPDATE_NORM.format(step=t)] = update.detach().float().norm() / self.x_norm
+        if self.probe is not None:
+            if self.previous is not None:
+                self.stats[IRL_UPDATE_COSINE.format(step=t)] = update_cosine(self.previous, update)
+            if h.requires_grad and torch.is_grad_enabled():
+                self.probe.watch(h, self.site, t)
+        self.previous = update
+
+
 def irl_iterate(ffn, x: torch.Tensor, steps: int, alpha: float, stats: dict = None, site=None,
-                probe: IRLProbe = None) -> torch.Tensor:
+                probe: IRLProbe = None, halting=None, valid: torch.Tensor = None, ffn_rows=None) -> torch.Tensor:
     """Iterative reasoning: h_0 = 0; h_t = h_{t-1} + alpha * ffn(h_{t-1} + x); returns h_S.
 
-    With steps = 1 and alpha = 1 this is exactly ffn(x). When `stats` is given and steps > 1, records
-    the relative update norm |h_t - h_{t-1}| / |x| of each step (detached) under `irl/update_norm_step{t}`.
-    With a `probe` (an open IRLProbe) it also records the cosine between successive updates h_t - h_{t-1} and
-    h_{t-1} - h_{t-2} (t >= 2, mean over tokens) under `irl/step{t}_update_cosine`, and hooks every h_t for the
-    probe's gradient norms; `site` (default `ffn`) names the module these belong to.
+    With steps = 1 and alpha = 1 this is exactly ffn(x). `stats`, `probe` and `site` (default `ffn`): what
+    IRLRecord records. With `halting` (a Halting unit, irl_halting: act) and steps > 1, the steps halt per token
+    (`Halting.iterate`, which reads `valid` and `ffn_rows`).
     """
+    record = IRLRecord(x, steps, stats, probe, ffn if site is None else site)
     h = ffn(x) if alpha == 1.0 else alpha * ffn(x)
-    probe = probe if stats is not None and steps > 1 else None
-    hook = probe is not None and h.requires_grad and torch.is_grad_enabled()
-    site = ffn if site is None else site
-    if stats is not None and steps > 1:
-        x_norm = x.detach().float().norm().clamp_min(1e-12)
-        stats[IRL_UPDATE_NORM.format(step=1)] = h.detach().float().norm() / x_norm
-    if hook:
-        probe.watch(h, site, 1)
-    previous = h  # the first update: h_1 - h_0 = h_1
+    record.step(1, h, h)   # the first update: h_1 - h_0 = h_1
+    if halting is not None and steps > 1:
+        return halting.iterate(ffn, x, h, steps, alpha, record, valid, ffn_rows)
     for t in range(2, steps + 1):
         update = alpha * ffn(h + x)
         h = h + update
-        if stats is not None:
-            stats[IRL_UPDATE_NORM.format(step=t)] = update.detach().float().norm() / x_norm
-        if probe is not None:
-            stats[IRL_UPDATE_COSINE.format(step=t)] = update_cosine(previous, update)
-            if hook:
-                probe.watch(h, site, t)
-        previous = update
+        record.step(t, h, update)
     return h
+
+
+HALTING_BIAS_INIT = -3.0   # sigmoid(-3) = 0.047: at the start every token takes every step
+
+
+class Halting(nn.Module):
+    """Adaptive computation time (ACT, Graves 2016) over the IRL steps of one IRL module, per token (row).
+
+    After step t a token's halting probability is lambda_t = sigmoid(w.(h_t + x) + b) (fp32); with
+    c_t = lambda_1 + ... + lambda_t, the token halts at the first N where c_N >= 1 - epsilon, at the latest at S.
+    The output weights each update u_t = h_t - h_{t-1} by what is left of the halting budget before it:
+
+        y = sum_{t <= N} (1 - c_{t-1}) u_t          (c_0 = 0; equal to ACT's sum_t p_t h_t)
+
+    so the updates after N are masked (weight 0) and training keeps static shapes, every step computed. The ponder
+    cost N + (1 - c_{N-1}) (ACT's, differentiable through the remainder) is averaged over the valid rows into
+    stats `irl/ponder_cost`, with its gradient (the model adds irl_ponder_weight x its mean over IRL layers to the
+    auxiliary loss), and N into `irl/steps_taken`. w starts at 0 and b at HALTING_BIAS_INIT, so every token first
+    takes every step with update weights near 1.
+    """
+
+    init_constants = {"bias": HALTING_BIAS_INIT}   # initialization.py: drawn as this constant
+
+    def __init__(self, d_model: int, epsilon: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(d_model))    # (D,)
+        self.bias = nn.Parameter(torch.full((1,), HALTING_BIAS_INIT))
+        self.epsilon = epsilon
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """z (..., D) -> halting probabilities (...,) in fp32."""
+        return torch.sigmoid(z.float() @ self.weight.float() + self.bias.float())
+
+    def iterate(self, ffn, x: torch.Tensor, first: torch.Tensor, steps: int, alpha: float, record: IRLRecord,
+                valid: torch.Tensor = None, ffn_rows=None) -> torch.Tensor:
+        """Steps 2..S of irl_iterate with halting; `first` is h_1. x (..., D) -> y (..., D).
+
+        `valid` (rows,) bool marks the rows that are tokens (a MoC expert buffer has empty rows), for the stats.
+        Evaluation (no autograd, not compiling) skips the work of halted rows: `ffn_rows(z (M, D), rows (M,))`
+        computes the FFN for the still-running rows only (their indices into the flattened rows); without it
+        only a step no row needs is skipped. Each skip reads a tensor on the host once per step.
+        """
+        rows_shape = x.shape[:-1]
+        eager_eval = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        h = y = first
+        budget = torch.ones(rows_shape, dtype=torch.float32, device=x.device)   # 1 - c_t: weight of the next update
+        running = torch.ones(rows_shape, dtype=torch.bool, device=x.device)
+        ponder = torch.zeros(rows_shape, dtype=torch.float32, device=x.device)
+        taken = torch.ones(rows_shape, dtype=torch.float32, device=x.device)    # steps each row has taken
+        for t in range(1, steps):
+            left = budget - self(h + x)                                          # 1 - c_t
+            halt = running & (left <= self.epsilon)                              # N = t
+            ponder = ponder + torch.where(halt, t + budget, 0.0)                 # N + (1 - c_{N-1})
+            running = running & ~halt
+            budget = torch.where(running, left, 0.0)
+            if eager_eval and not running.any():                                 # every row has halted
+                break
+            update = self.running_update(ffn, ffn_rows, h + x, running, eager_eval) * alpha
+            h = h + update
+            weighted = budget.unsqueeze(-1).to(update.dtype) * update
+            y = y + weighted
+            taken = taken + running.float()
+            record.step(t + 1, h, weighted)
+        ponder = ponder + torch.where(running, steps + budget, 0.0)             # forced to halt at S
+        if record.stats is not None:
+            record.stats[IRL_STEPS_TAKEN] = masked_mean(taken, valid).detach()
+            record.stats[IRL_PONDER] = masked_mean(ponder, valid)
+        return y
+
+    @staticmethod
+    def running_update(ffn, ffn_rows, z: torch.Tensor, running: torch.Tensor, eager_eval: bool) -> torch.Tensor:
+        """ffn(z) (..., D); in evaluation with `ffn_rows`, computed for the running rows only (zeros elsewhere)."""
+        if not (eager_eval and ffn_rows is not None):
+            return ffn(z)
+        flat = z.reshape(-1, z.shape[-1])                                        # (rows, D)
+        rows = running.reshape(-1).nonzero().squeeze(1)                          # (M,) a host sync
+        out = torch.zeros_like(flat).index_copy_(0, rows, ffn_rows(flat.index_select(0, rows), rows))
+        return out.view_as(z)
+
+
+def masked_mean(values: torch.Tensor, valid: torch.Tensor = None) -> torch.Tensor:
+    """Mean of `values` (rows...) over the rows where `valid` (the same number of elements, bool) holds; all rows
+    when it is None."""
+    if valid is None:
+        return values.mean()
+    weights = valid.reshape(values.shape).to(values.dtype)
+    return (values * weights).sum() / weights.sum().clamp_min(1)
 
 
 class ReasoningFeedForward(nn.Module):
     """Dense FFN layer: the MLP (SwiGLU, or relu² with model.mlp: relu2) iterated `n_reasoning_steps` times (IRL).
     Returns (y, aux=None, stats).
 
-    `hidden` (default ffn_hidden) sets the MLP width; MoC's shared experts are one such FFN.
+    `hidden` (default ffn_hidden) sets the MLP width; MoC's shared experts are one such FFN. With
+    irl_halting: act the steps halt per token (`halting`, a Halting unit).
     """
 
     def __init__(self, config, hidden: int = None):
@@ -254,12 +357,21 @@ class ReasoningFeedForward(nn.Module):
         self.ffn = MLPS[config.mlp](config.d_model, hidden or config.ffn_hidden)
         self.steps = config.n_reasoning_steps
         self.alpha = config.irl_step_scale
+        self.halting = Halting(config.d_model, config.irl_halting_epsilon) if config.irl_halting == "act" else None
         self.irl_probe = None   # an open IRLProbe (log steps of training; analysis), else None
 
     def forward(self, x: torch.Tensor):
         stats: dict = {}
-        return irl_iterate(self.ffn, x, self.steps, self.alpha, stats, probe=self.irl_probe), None, stats
+        return self.iterate(x, stats), None, stats
+
+    def iterate(self, x: torch.Tensor, stats: dict = None, ffn=None) -> torch.Tensor:
+        """The IRL steps over x (..., D), recorded into `stats`; `ffn` (default this SwiGLU) computes each step."""
+        ffn = ffn or self.ffn
+        return irl_iterate(ffn, x, self.steps, self.alpha, stats, site=self.ffn, probe=self.irl_probe,
+                           halting=self.halting, ffn_rows=lambda z, rows: ffn(z))
 
     def matmul_params_per_token(self) -> int:
-        """Weights each token multiplies through (for FLOP counting): the MLP's (SwiGLU 3·D·H) per IRL step."""
-        return self.steps * sum(weight.numel() for weight in self.ffn.parameters())
+        """Weights each token multiplies through (for FLOP counting): the MLP's (SwiGLU 3·D·H) per IRL step (+ D
+        per halting decision)."""
+        halting = (self.steps - 1) * self.halting.weight.numel() if self.halting is not None else 0
+        return self.steps * sum(weight.numel() for weight in self.ffn.parameters()) + halting

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lunaris.config import LunarisCodexConfig, raise_problems
+from lunaris.metrics import IRL_PONDER
 from lunaris.model.attention import CausalSelfAttention, KVCache, decode_linear
 from lunaris.model.generation import decode_compile_options, generate_tokens, stream_tokens
 from lunaris.model.initialization import initialize
@@ -29,7 +30,7 @@ from lunaris.model.layers import (
     irl_iterate,
 )
 from lunaris.model.masking import attention_plan, document_mask  # noqa: F401 (document_mask: its older home)
-from lunaris.model.moc import ExpertBalance, MoCLayer
+from lunaris.model.moc import MoCLayer, moc_training_hooks
 from lunaris.model.param_groups import adamw
 
 
@@ -37,7 +38,7 @@ class ModelOutput(NamedTuple):
     logits: torch.Tensor            # (B, T, vocab)
     loss: Optional[torch.Tensor]    # main_loss + aux_loss, or None without targets
     main_loss: Optional[torch.Tensor]  # cross-entropy over targets != -1
-    aux_loss: torch.Tensor          # MoC auxiliary losses averaged over MoC layers (0 for dense)
+    aux_loss: torch.Tensor          # MoC auxiliary losses averaged over MoC layers (0 for dense), + the IRL ponder cost
     metrics: dict                   # detached tensors: expert utilization, drop rates, IRL update norms
 
 
@@ -94,7 +95,7 @@ def decode_ffn(ffn: nn.Module, x: torch.Tensor) -> torch.Tensor:
         def step(z):
             return decode_linear(F.silu(decode_linear(z, w_gate)) * decode_linear(z, w_up), mlp.down.weight)
 
-    return irl_iterate(step, x, ffn.steps, ffn.alpha)
+    return irl_iterate(step, x, ffn.steps, ffn.alpha, halting=ffn.halting, ffn_rows=lambda z, rows: step(z))
 
 
 def soft_cap(logits: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
@@ -176,11 +177,15 @@ class LunarisCodex(nn.Module):
             x = x[:, -1:]                                      # (B, 1, D)
         logits = soft_cap(self.lm_head(self.norm(x)), self.config.logit_softcap)  # (B, T, vocab)
         aux_loss = torch.stack(aux_losses).mean() if aux_losses else torch.zeros((), device=idx.device)
+        metrics = merge_stats(layer_stats)
+        if IRL_PONDER in metrics:  # irl_halting: the ponder cost averaged over IRL layers, the one metric with a grad
+            aux_loss = aux_loss + self.config.irl_ponder_weight * metrics[IRL_PONDER]
+            metrics[IRL_PONDER] = metrics[IRL_PONDER].detach()
         main_loss = loss = None
         if targets is not None:
             main_loss = self.cross_entropy(logits, targets)
             loss = main_loss + aux_loss
-        return ModelOutput(logits, loss, main_loss, aux_loss, merge_stats(layer_stats))
+        return ModelOutput(logits, loss, main_loss, aux_loss, metrics)
 
     def mix_embedding(self, layer: int, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """The residual stream block `layer` reads: x itself, or with residual_scalars r·x + s·x0 (x0 the token
@@ -204,12 +209,15 @@ class LunarisCodex(nn.Module):
     def training_hooks(self) -> list:
         """Model-specific work around each optimizer step, for a training loop that names no layer type.
 
-        Each hook has `before_step()` (before the step's first micro-batch) and `after_update(applied,
+        Each hook has `before_step(progress, all_reduce_sum)` (before the step's first micro-batch; `progress` is
+        the step's index over max_steps, None when the caller does not know it) and `after_update(applied,
         all_reduce_sum)` (right after the optimizer update, `applied` False when it was skipped; `all_reduce_sum`
-        sums a tensor over processes in place, the identity in one process). Today: MoC layers with
-        load_balance: bias move their routing bias by the step's expert load (moc.ExpertBalance).
+        sums a tensor over processes in place, the identity in one process). Today, MoC layers (moc.py): with
+        load_balance: bias they move their routing bias by the step's expert load (ExpertBalance); with
+        balance_scope: global_batch they count the load over the step and processes (GlobalBalance); with
+        router_temperature_end they anneal the router temperature by the step's progress (RouterSchedule).
         """
-        return ExpertBalance.hooks_of(self)
+        return moc_training_hooks(self)
 
     def analysis(self) -> IRLProbe:
         """The analysis metrics of one training step (the trainer's log steps): a context manager around the step's

@@ -128,11 +128,13 @@ def hooks_of(model) -> list:
     return inner.training_hooks() if inner is not None else []
 
 
-def before_step(hooks: list) -> None:
-    """Every hook's `before_step`: right before a step's first micro-batch (a probe forward or a failed compiled
-    attempt before it is forgotten)."""
+def before_step(hooks: list, progress: float = None, reduce_sum=all_reduce_sum) -> None:
+    """Every hook's `before_step(progress, reduce_sum)`: right before a step's first micro-batch (a probe forward or
+    a failed compiled attempt before it is forgotten). `progress`: the step's index over max_steps (a schedule in
+    the model reads it), None when unknown; `reduce_sum` as in `after_update` (hooks may keep it for the step's
+    forwards, so call this on every rank)."""
     for hook in hooks:
-        hook.before_step()
+        hook.before_step(progress, reduce_sum)
 
 
 def after_update(hooks: list, applied: bool, reduce_sum=all_reduce_sum) -> None:
@@ -146,14 +148,15 @@ def after_update(hooks: list, applied: bool, reduce_sum=all_reduce_sum) -> None:
 
 
 def train_step(model, optimizer, micro_batches: list, dtype: torch.dtype = torch.float32, grad_clip: float = 0.0,
-               scaler=None) -> dict:
+               scaler=None, progress: float = None) -> dict:
     """One optimizer step in one process; returns floats: loss/main, loss/aux, loss/total, grad_norm.
 
-    The update is skipped when the loss or the gradient is not finite (as the trainer does).
+    The update is skipped when the loss or the gradient is not finite (as the trainer does). `progress` (the
+    step's index over the run's steps) reaches the model's hooks, as in the trainer.
     """
     device = next(model.parameters()).device
     hooks = hooks_of(model)
-    before_step(hooks)
+    before_step(hooks, progress)
     losses = accumulate(model, micro_batches, device, dtype, scaler)
     norm = clip_gradients(model.parameters(), optimizer, grad_clip, scaler)
     main, aux, grad_norm = torch.stack([losses.main.float(), losses.aux.float(), norm.float()]).tolist()

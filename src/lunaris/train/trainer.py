@@ -248,11 +248,11 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             return next(self.batches)
 
-    def _accumulate(self, micro_batches: list, analyze: bool = False) -> steps.StepLosses:
+    def _accumulate(self, micro_batches: list, analyze: bool = False, progress: float = None) -> steps.StepLosses:
         """Forward/backward of every micro-batch; the first compiled call compiles, and if that fails, the step
-        is redone eagerly after one warning."""
+        is redone eagerly after one warning. `progress` (the step over max_steps) goes to the model's hooks."""
         def run():
-            steps.before_step(self.hooks)  # the model's hooks see this step's micro-batches only
+            steps.before_step(self.hooks, progress, all_reduce_sum)  # the model's hooks see this step's micro-batches
             wrapped = self.wrapped
             return steps.accumulate(wrapped.call, micro_batches, self.info.device, self.dtype, self.scaler,
                                     sync_context=lambda last: no_sync_context(wrapped.ddp, last),
@@ -283,7 +283,8 @@ class Trainer:
         lr = lr_at(step, cfg, self.state.train_seconds)
         apply_lr(self.optimizer, lr)
         analyze = self._logs_after(step + 1) if analyze is None else analyze
-        losses = self._accumulate([self._next_batch() for _ in range(cfg.gradient_accumulation_steps)], analyze)
+        losses = self._accumulate([self._next_batch() for _ in range(cfg.gradient_accumulation_steps)], analyze,
+                                  step / cfg.max_steps)
         self.last_model_metrics = losses.metrics
         norm = full_norm(steps.clip_gradients(self.model.parameters(), self.optimizer, cfg.grad_clip,
                                               self.scaler))
