@@ -154,3 +154,11 @@ def test_plot_with_a_checkpoint_plots_its_run(tmp_path, capsys):
         out.unlink(missing_ok=True)
         assert main(["plot", *source, "--out", str(out)]) == 0
         assert out.stat().st_size > 1000 and f"wrote {out}" in capsys.readouterr().out
+
+
+def test_output_piped_into_a_reader_that_stops_ends_quietly():
+    """`lunaris config --reference | head -1`: the reader closes the pipe; no traceback, no 'Exception ignored'."""
+    result = subprocess.run(["bash", "-c", f"'{sys.executable}' -m lunaris config --reference | head -1"],
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")})
+    assert result.stdout.startswith("**Model") and result.stderr == "", result.stderr

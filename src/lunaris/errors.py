@@ -6,6 +6,7 @@ prints it without a traceback and exits with status 2 (`exit_status`).
 """
 
 import difflib
+import os
 import sys
 
 
@@ -51,9 +52,13 @@ def suggest(word, candidates) -> str:
 
 def exit_status(run) -> int:
     """Call `run()` as a command: its status (None is 0); a LunarisError prints `error: MESSAGE` on stderr and
-    gives 2, Ctrl-C prints `interrupted` and gives 130. Never a traceback for the user's mistakes."""
+    gives 2, Ctrl-C prints `interrupted` and gives 130, a closed output pipe (`lunaris plan ... | head`) ends quietly
+    with 1. Never a traceback for the user's mistakes."""
     try:
         return run() or 0
+    except BrokenPipeError:  # the reader went away: nothing left to say, and Python's flush at exit must not fail
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except LunarisError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -43,7 +43,7 @@ def initialize(module: nn.Module, config) -> nn.Module:
             drawn.add(id(param))
             if isinstance(sub, RMSNorm) and name == "weight":
                 nn.init.ones_(param)
-            elif name in getattr(sub, "init_constants", {}):   # a constant the module names (IRL halting bias, residual scalars)
+            elif name in getattr(sub, "init_constants", {}):   # IRL halting bias, residual scalars
                 nn.init.constant_(param, sub.init_constants[name])
             elif param.dim() < 2:   # norm and other biases
                 nn.init.zeros_(param)
