@@ -13,7 +13,7 @@ def test_bench_prints_a_markdown_table(capsys):
     bench.main(["--d-model", "32", "--hidden", "32", "--tokens", "64", "--rounds", "1", "--threads", "1"])
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ")]
-    assert rows[0].startswith("| variant (forward + backward) | median ms | x dense")
+    assert rows[0].startswith("| variant (forward + backward) | median ms | tokens/s | x dense")
     names = [row.split(" | ")[0].strip("| ").strip() for row in rows[1:]]
     assert names == ["dense SwiGLU (hidden = K·H)", "MoC none, S=1 (auto backend)",
                      "MoC none, S=1, padded bmm [E, C, D]", "routing + dispatch + combine only (experts = identity)",

@@ -146,13 +146,33 @@ class Estimator:
     def step(self, batch_size: int, checkpointing: bool) -> "DeepStep":
         key = (batch_size, checkpointing)
         if key not in self._steps:
-            traced = []
-            for depth in self.depths:
-                if depth not in self._fakes:
-                    self._fakes[depth] = FakeTrainer(self._config_at(depth), self.device, self.dtype)
-                traced.append(self._fakes[depth].step(batch_size, checkpointing))
+            traced = [self._trace(depth, batch_size, checkpointing) for depth in self.depths]
+            if len(self.depths) > 1 and not self._linear(traced, batch_size, checkpointing):
+                self.depths, self.periods, self._steps, self._optimizer = (self.config.model.n_layers,), 1, {}, None
+                traced = [self._trace(self.depths[0], batch_size, checkpointing)]
             self._steps[key] = DeepStep(traced, self._extrapolate)
         return self._steps[key]
+
+    def _trace(self, depth: int, batch_size: int, checkpointing: bool):
+        if depth not in self._fakes:
+            self._fakes[depth] = FakeTrainer(self._config_at(depth), self.device, self.dtype)
+        return self._fakes[depth].step(batch_size, checkpointing)
+
+    def _linear(self, traced: list, batch_size: int, checkpointing: bool) -> bool:
+        """Whether the step's peak grows by the same amount with each period, checked on a third depth (one period
+        deeper). A peak is the most of many moments, and which moment is largest can change with depth (the end of
+        the forward pass in a deep model, the LM head's backward in a shallow one); then extrapolating would
+        underestimate, and the whole model is traced instead."""
+        third = 2 * self.depths[1] - self.depths[0]
+        if third >= self.config.model.n_layers:
+            return False                            # as cheap to trace the whole model
+        deeper = self._trace(third, batch_size, checkpointing)
+        for share in (1.0, 1 / 8):
+            for accumulating in (False, True):
+                a, b, c = (t.peak(share, accumulating) for t in (*traced, deeper))
+                if abs((c - b) - (b - a)) > 0.01 * max(c, 1):
+                    return False
+        return True
 
     def rank(self, layout: Layout, batch_size: int) -> RankMemory:
         """One process's memory at `batch_size` sequences per micro-batch."""
