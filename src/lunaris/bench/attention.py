@@ -11,13 +11,8 @@ step) on CPU and `max_memory_allocated` on CUDA, with its growth during the step
 gradients and any mask.
 """
 
-import json
-import os
 import statistics
-import subprocess
-import sys
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -133,43 +128,19 @@ def time_length(options: AttentionBenchOptions, T: int, log) -> list:
 
 
 def measure_memory(options: AttentionBenchOptions, T: int, name: str) -> dict:
-    """The peak memory of one step of variant `name` at length T, in a fresh Python process (this lunaris first on
-    its path, so a source checkout measures its own code)."""
-    spec = json.dumps({**asdict(options), "seq_len": T, "name": name})
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-m", "lunaris.bench", "--attention-worker", spec], capture_output=True,
-                          text=True, timeout=1800, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"memory worker failed (exit {proc.returncode}): {tail[:200]}"}
-    return json.loads(lines[-1])
+    """The peak memory of one step of variant `name` at length T, in a fresh Python process."""
+    from lunaris.bench.memory import run_worker
+    return run_worker("--attention-worker", {**asdict(options), "seq_len": T, "name": name})
 
 
 def memory_worker(spec: dict) -> dict:
-    """Runs in the fresh process: a warm-up step, then the peak of one more step (lunaris.bench.memory's way)."""
-    from lunaris.bench.memory import proc_status_bytes, reset_peak_rss
+    """Runs in the fresh process: a warm-up step, then the peak of one more step."""
+    from lunaris.bench.memory import step_peak
     from lunaris.runtime import set_threads
     T, name = spec.pop("seq_len"), spec.pop("name")
     options = AttentionBenchOptions(**spec)
     set_threads(options.threads)
-    step = make_step(options, T, variants(options)[name])
-    step()
-    if options.device == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        peak, measure = torch.cuda.max_memory_allocated(), "cuda max_memory_allocated"
-    elif reset_peak_rss():
-        before = proc_status_bytes("VmRSS")
-        step()
-        peak, measure = proc_status_bytes("VmHWM"), "VmHWM"
-    else:
-        return {"error": "no way to reset the peak resident memory here (Linux /proc/self/clear_refs)"}
-    return {"peak_mib": peak / 2**20, "delta_mib": max(0, peak - before) / 2**20, "measure": measure}
+    return step_peak(make_step(options, T, variants(options)[name]), options.device)
 
 
 def bench_attention(options: AttentionBenchOptions, log=print) -> dict:

@@ -2,10 +2,12 @@
 
 On CPU the peak resident memory (Linux VmHWM, reset before the step), on CUDA `max_memory_allocated`; `delta_mib`
 is the growth during the step (activations and gradients) over the model, optimizer state and inputs held before
-it. The subprocess is `python -m lunaris.bench --memory-worker SPEC` (lunaris/bench/__main__.py).
+it. The subprocess is `python -m lunaris.bench --memory-worker SPEC` (lunaris/bench/__main__.py); `run_worker` and
+`step_peak` are shared with the attention benchmark's memory column.
 """
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -18,12 +20,13 @@ from lunaris.bench.step import LLAMA_NAME, build_contender, synchronize
 from lunaris.runtime import set_threads
 
 
-def measure_memory(kind: str, size: str, compiled: bool, settings: BenchSettings) -> dict:
-    """Build the configuration in a fresh Python process and return its training-step peak memory (MiB)."""
-    spec = dict(kind=kind, size=size, compiled=compiled, device=settings.device, seq_len=settings.seq_len,
-                batch=settings.batch, threads=torch.get_num_threads())
-    proc = subprocess.run([sys.executable, "-m", "lunaris.bench", "--memory-worker", json.dumps(spec)],
-                          capture_output=True, text=True, timeout=1800)
+def run_worker(flag: str, spec: dict) -> dict:
+    """`python -m lunaris.bench FLAG SPEC` in a fresh Python process (this lunaris first on its path, so a source
+    checkout measures its own code): the JSON dict it prints last, or {"error": ...} saying how it failed."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-m", "lunaris.bench", flag, json.dumps(spec)], capture_output=True,
+                          text=True, timeout=1800, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -31,31 +34,43 @@ def measure_memory(kind: str, size: str, compiled: bool, settings: BenchSettings
     return json.loads(lines[-1])
 
 
-def memory_worker(spec: dict) -> dict:
-    """Runs in the subprocess: the peak memory of one training step of one configuration, after a
-    warm-up step (which compiles a compiled configuration and creates the optimizer state)."""
-    settings = BenchSettings(device=spec["device"], seq_len=spec["seq_len"], batch=spec["batch"],
-                             threads=spec["threads"])
-    set_threads(settings.threads)
-    contender = build_contender(spec["kind"], spec["size"], settings, compiled=spec["compiled"])
-    contender.step()
-    synchronize(settings.device)
-    if settings.device == "cuda":
+def step_peak(step, device: str) -> dict:
+    """Peak memory of `step()` after one warm-up call (which compiles a compiled step and creates the optimizer
+    state): {"peak_mib", "delta_mib" (growth during the step), "measure"}. Run it in a fresh process."""
+    step()
+    synchronize(device)
+    if device == "cuda":
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        contender.step()
+        step()
         synchronize("cuda")
         peak, measure = torch.cuda.max_memory_allocated(), "cuda max_memory_allocated"
     elif reset_peak_rss():
         before = proc_status_bytes("VmRSS")
-        contender.step()
+        step()
         peak, measure = proc_status_bytes("VmHWM"), "VmHWM"
     else:  # ru_maxrss: the whole process's peak, compilation included (bytes on macOS, KiB elsewhere)
         scale = 1 if sys.platform == "darwin" else 1024
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-        contender.step()
+        step()
         peak, measure = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, "ru_maxrss"
     return {"peak_mib": peak / 2**20, "delta_mib": max(0, peak - before) / 2**20, "measure": measure}
+
+
+def measure_memory(kind: str, size: str, compiled: bool, settings: BenchSettings) -> dict:
+    """Build the configuration in a fresh Python process and return its training-step peak memory (MiB)."""
+    return run_worker("--memory-worker", dict(kind=kind, size=size, compiled=compiled, device=settings.device,
+                                              seq_len=settings.seq_len, batch=settings.batch,
+                                              threads=torch.get_num_threads()))
+
+
+def memory_worker(spec: dict) -> dict:
+    """Runs in the subprocess: the peak memory of one training step of one configuration, after a warm-up step."""
+    settings = BenchSettings(device=spec["device"], seq_len=spec["seq_len"], batch=spec["batch"],
+                             threads=spec["threads"])
+    set_threads(settings.threads)
+    contender = build_contender(spec["kind"], spec["size"], settings, compiled=spec["compiled"])
+    return step_peak(contender.step, settings.device)
 
 
 def proc_status_bytes(field: str) -> int:

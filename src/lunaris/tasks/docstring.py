@@ -17,14 +17,11 @@ A model whose tokenizer has no chat tokens (a base model) reads the same text, t
 
 import functools
 import random
-import sysconfig
-from pathlib import Path
 
 from lunaris.data.chat_example import docstring_functions
 from lunaris.data.chat_template import ASSISTANT, END, USER
-from lunaris.errors import LunarisError
-from lunaris.tasks.embedded import HELD_OUT_PACKAGES
-from lunaris.tasks.types import MULTIPLE_CHOICE, Example, Task
+from lunaris.tasks.embedded import HELD_OUT_PACKAGES, stdlib_task
+from lunaris.tasks.types import Example, Task
 
 NAME = "python_docstring"
 GROUP = 4
@@ -64,11 +61,4 @@ def build_examples(stdlib: str) -> tuple:
 
 def docstring_task(stdlib=None) -> Task:
     """The task (all its examples); `stdlib` defaults to this interpreter's standard library."""
-    root = Path(stdlib or sysconfig.get_paths()["stdlib"])
-    examples = build_examples(str(root))
-    if not examples:
-        raise LunarisError(f"the built-in task {NAME} is built from the standard library's "
-                           f"{', '.join(HELD_OUT_PACKAGES)} packages, but none were found under {root}; use a regular "
-                           f"CPython installation or task files of your own.")
-    # the context ends with <|assistant|> and the reply follows it directly, as in the chat template
-    return Task(NAME, MULTIPLE_CHOICE, list(examples), NAME, target_delimiter="")
+    return stdlib_task(NAME, build_examples, stdlib)

@@ -138,13 +138,19 @@ def build_examples(stdlib: str) -> tuple:
     return tuple(examples)
 
 
-def embedded_task(stdlib=None) -> Task:
-    """The task (all its examples); `stdlib` defaults to this interpreter's standard library."""
+def stdlib_task(name: str, build, stdlib=None) -> Task:
+    """A built-in task whose examples `build(stdlib path)` makes from the held-out packages of the standard library
+    at `stdlib` (default: this interpreter's); a clear error when they are not there."""
     root = Path(stdlib or sysconfig.get_paths()["stdlib"])
-    examples = build_examples(str(root))
+    examples = build(str(root))
     if not examples:
-        raise LunarisError(f"the built-in task {NAME} is built from the standard library's "
+        raise LunarisError(f"the built-in task {name} is built from the standard library's "
                            f"{', '.join(HELD_OUT_PACKAGES)} packages, but none were found under {root}; use a regular "
                            f"CPython installation or task files of your own.")
-    # the context ends with a newline and each choice is a whole line: nothing goes between them
-    return Task(NAME, MULTIPLE_CHOICE, list(examples), NAME, target_delimiter="")
+    # every built-in context ends where its choice begins (a newline, or the chat template's <|assistant|>)
+    return Task(name, MULTIPLE_CHOICE, list(examples), name, target_delimiter="")
+
+
+def embedded_task(stdlib=None) -> Task:
+    """The task (all its examples); `stdlib` defaults to this interpreter's standard library."""
+    return stdlib_task(NAME, build_examples, stdlib)
